@@ -1,0 +1,1 @@
+"""rayalign's Ray actors: the group abstraction and one module per role."""

@@ -1,0 +1,26 @@
+"""The frozen reference role: log-probs of the starting policy, never trained."""
+from __future__ import annotations
+
+import torch
+
+from actors.group import SCATTER, dispatch
+from actors.logprobs import pair_logprobs
+from actors.runtime import load_causal_lm, load_tokenizer, set_threads
+
+
+class Reference:
+    def __init__(self, rank: int, world_size: int, cfg):
+        set_threads(cfg.reference.cpus)
+        torch.manual_seed(cfg.train.seed)
+        self.cfg = cfg
+        self.model = load_causal_lm(cfg.model, trainable=False)
+        self.pad_id = load_tokenizer(cfg.model.path).pad_token_id or 0
+
+    def ready(self) -> bool:
+        return True
+
+    @dispatch(SCATTER)
+    def logprobs(self, pairs) -> list[tuple[float, float]]:
+        """(chosen, rejected) summed response log-probs for each pair."""
+        return pair_logprobs(self.model, pairs, self.cfg.train.micro_batch_size,
+                             self.cfg.train.pack, self.pad_id)

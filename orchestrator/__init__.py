@@ -1,0 +1,16 @@
+"""rayalign's driver side: config, data, loops, placement, checkpoints, metrics.
+
+Public API for driver scripts: :class:`RunConfig` (and its sections), :func:`train`,
+:class:`TrainResult`, :class:`ConfigError`.
+"""
+from orchestrator.config import RunConfig
+from orchestrator.schema import ConfigError
+
+
+def train(cfg):
+    """Run training as ``cfg`` says; see :func:`orchestrator.train.train`."""
+    from orchestrator.train import train as _train
+    return _train(cfg)
+
+
+__all__ = ["RunConfig", "ConfigError", "train"]

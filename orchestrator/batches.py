@@ -1,0 +1,41 @@
+"""Named data that travels between the driver and the roles."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from orchestrator.data import PreferenceExample
+
+
+@dataclass
+class PreferenceBatch:
+    """Preference pairs with their reference log-probs, for one replica and one step.
+
+    pairs: the tokenized pairs (prompt ids kept apart from chosen/rejected response ids).
+    ref_chosen, ref_rejected: float tensors [len(pairs)], the reference model's log-prob of
+    each response summed over its tokens.
+    """
+    pairs: list[PreferenceExample]
+    ref_chosen: torch.Tensor
+    ref_rejected: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    @classmethod
+    def build(cls, pairs: list[PreferenceExample], ref: list[tuple[float, float]]) -> "PreferenceBatch":
+        ref_t = torch.tensor(ref, dtype=torch.float32).reshape(len(pairs), 2)
+        return cls(list(pairs), ref_t[:, 0].contiguous(), ref_t[:, 1].contiguous())
+
+    def slice(self, start: int, end: int) -> "PreferenceBatch":
+        return PreferenceBatch(self.pairs[start:end], self.ref_chosen[start:end],
+                               self.ref_rejected[start:end])
+
+    def split(self, n: int) -> list["PreferenceBatch"]:
+        """n equal contiguous parts (len must divide evenly, as config checks)."""
+        size = len(self) // n
+        return [self.slice(i * size, (i + 1) * size) for i in range(n)]
+
+    def micro_batches(self, size: int) -> list["PreferenceBatch"]:
+        return [self.slice(i, i + size) for i in range(0, len(self), size)]

@@ -1,0 +1,72 @@
+"""Checkpoint directories: written atomically, rotated, found again on resume.
+
+A checkpoint is written into ``<run>/checkpoints/.tmp-step-N``; only when every part is in
+(model, optimizer, scheduler, RNG, sampler position, step) does the driver write the
+``COMPLETE`` marker and rename the directory to ``step-N``. A directory without the marker
+(a crash mid-write) is never resumed from and is cleared at the next start.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE"
+DRIVER_STATE = "driver_state.json"
+
+
+class CheckpointManager:
+    def __init__(self, run_dir: str | Path, keep: int):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def begin(self, step: int) -> Path:
+        """A fresh temporary dir for the checkpoint of ``step``."""
+        tmp = self.root / f".tmp-step-{step:07d}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def commit(self, tmp: Path, step: int, driver_state: dict) -> Path:
+        """Write the driver state and the marker, then rename into place and rotate."""
+        with open(tmp / DRIVER_STATE, "w") as fh:
+            json.dump(driver_state, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        (tmp / MARKER).write_text(str(step))
+        final = self.root / f"step-{step:07d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self._rotate()
+        log.info("checkpoint saved: %s", final)
+        return final
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        found = [p for p in self.root.glob("step-*") if (p / MARKER).is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def clear_partial(self) -> None:
+        for p in self.root.glob(".tmp-step-*"):
+            log.warning("removing half-written checkpoint %s", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _rotate(self) -> None:
+        for old in self.complete()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_driver_state(ckpt: Path) -> dict:
+    if not (ckpt / MARKER).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {MARKER} marker)")
+    return json.loads((ckpt / DRIVER_STATE).read_text())

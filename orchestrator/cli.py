@@ -1,0 +1,78 @@
+"""The ``rayalign`` command line: train, validate, schema, tiny-model, synthetic-data."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from orchestrator.schema import ConfigError
+
+log = logging.getLogger("rayalign")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rayalign", description="Align language models on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, text in (("train", "run training from a YAML config"),
+                       ("validate", "check a config and exit (0 when valid)")):
+        c = sub.add_parser(name, help=text)
+        c.add_argument("config", help="YAML config file, e.g. configs/dpo-tiny.yaml")
+        c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
+    sub.add_parser("schema", help="list every config key with its default, range and meaning")
+    t = sub.add_parser("tiny-model", help="write a small Llama and a BPE tokenizer, no hub needed")
+    t.add_argument("dir")
+    t.add_argument("--size", default="tiny", choices=("tiny", "small", "base"))
+    t.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("synthetic-data", help="write the synthetic preference task (train/eval jsonl)")
+    d.add_argument("dir")
+    d.add_argument("--train", type=int, default=2000, help="training pairs")
+    d.add_argument("--eval", type=int, default=200, help="held-out pairs")
+    d.add_argument("--min-words", type=int, default=8)
+    d.add_argument("--max-words", type=int, default=60)
+    d.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # data and placement errors are meant for the user, one line each
+        from orchestrator.data import DataError
+        from orchestrator.placement import PlacementError
+        if isinstance(exc, (DataError, PlacementError)):
+            print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+            return 3
+        raise
+
+
+def _run(args) -> int:
+    if args.command in ("train", "validate"):
+        from orchestrator.config import RunConfig
+        cfg = RunConfig.from_yaml(args.config, args.overrides)
+        cfg.check_paths()
+        if args.command == "validate":
+            log.info("%s: valid", args.config)
+            return 0
+        logging.getLogger().setLevel(cfg.log.level)
+        from orchestrator.train import train
+        train(cfg)
+        return 0
+    if args.command == "schema":
+        from orchestrator.config import schema_lines
+        sys.stdout.write("\n".join(schema_lines()) + "\n")
+        return 0
+    if args.command == "tiny-model":
+        from orchestrator.tiny_model import build_model
+        build_model(args.dir, args.size, args.seed)
+        return 0
+    if args.command == "synthetic-data":
+        from orchestrator.synthetic import write_dataset
+        paths = write_dataset(args.dir, args.train, args.eval, args.seed, args.min_words, args.max_words)
+        log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+        return 0
+    return 1

@@ -1,0 +1,216 @@
+"""The run configuration: one typed schema, loaded from YAML plus dotted overrides.
+
+These dataclasses are also the public Python API for driver scripts::
+
+    from orchestrator import RunConfig, train
+    cfg = RunConfig.from_yaml("configs/dpo-tiny.yaml", ["optim.lr=1e-5"])
+    result = train(cfg)
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from orchestrator.schema import ConfigError, build, describe, param, set_dotted
+
+
+@dataclass
+class ModelConfig:
+    path: str = param(help="local Hugging Face model dir (or hub name where a hub is reachable)")
+    dtype: str = param("float32", "parameter dtype for training and log-probs",
+                       choices=("float32", "bfloat16", "float16"))
+    attn_implementation: str = param("sdpa", "attention kernel passed to transformers",
+                                     choices=("sdpa", "eager"))
+
+
+@dataclass
+class DataConfig:
+    train: str = param(help="preference dataset file (.jsonl, .parquet or .arrow)")
+    eval: Optional[str] = param(None, "held-out preference file; none means no held-out metrics")
+    max_length: int = param(512, "longest prompt+response in tokens", ge=8)
+    on_bad_row: str = param("error", "a malformed row stops the run, or is skipped and counted",
+                            choices=("error", "skip"))
+    prompt_key: str = param("prompt", "column holding the prompt (string or chat messages)")
+    chosen_key: str = param("chosen", "column holding the preferred response")
+    rejected_key: str = param("rejected", "column holding the dispreferred response")
+
+
+@dataclass
+class RoleConfig:
+    actors: int = param(1, "data-parallel replicas of this role", ge=1)
+    cpus: float = param(1.0, "CPUs reserved per replica (also its torch thread count)", gt=0)
+    gpus: float = param(0.0, "GPUs reserved per replica", ge=0)
+
+
+@dataclass
+class PolicyConfig(RoleConfig):
+    zero_stage: int = param(2, "DeepSpeed ZeRO stage", ge=0, le=3)
+    gradient_checkpointing: bool = param(False, "recompute activations in backward to save memory")
+
+
+@dataclass
+class ReferenceConfig(RoleConfig):
+    precompute: bool = param(True, "score the whole dataset once before training "
+                                   "instead of every batch")
+
+
+@dataclass
+class DPOConfig:
+    loss: str = param("sigmoid", "preference loss: sigmoid (DPO), ipo, cdpo (label smoothing), hinge",
+                      choices=("sigmoid", "ipo", "cdpo", "hinge"))
+    beta: float = param(0.1, "strength of the tie to the reference (IPO: tau)", gt=0)
+    label_smoothing: float = param(0.0, "assumed label noise for cdpo", ge=0, lt=0.5)
+    nll_weight: float = param(0.0, "weight of an NLL term on chosen responses (RPO); 0 is off", ge=0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = param(1e-6, "peak learning rate", gt=0, le=1)
+    weight_decay: float = param(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = param(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = param(0.999, "AdamW beta2", ge=0, lt=1)
+    eps: float = param(1e-8, "AdamW epsilon", gt=0)
+    warmup_steps: int = param(0, "linear warm-up steps", ge=0)
+    schedule: str = param("constant", "lr after warm-up", choices=("constant", "linear", "cosine"))
+    grad_clip: float = param(1.0, "max global grad norm; 0 turns clipping off", ge=0)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = param(8, "preference pairs per optimizer step, over all policy replicas", ge=1)
+    micro_batch_size: int = param(8, "pairs per forward pass on one replica", ge=1)
+    max_steps: int = param(100, "optimizer steps in the run", ge=1)
+    seed: int = param(0, "seed for the sampler, model init and dropout", ge=0)
+    pack: bool = param(True, "pack sequences into one row instead of padding")
+
+
+@dataclass
+class EvalConfig:
+    every: int = param(0, "held-out evaluation every N steps; 0 means only before and after", ge=0)
+    max_pairs: int = param(256, "held-out pairs used for preference accuracy", ge=1)
+    reward_fn: Optional[str] = param(None, "module:function scoring (prompt, response) strings; "
+                                           "enables the sampled-reward metric")
+    num_prompts: int = param(64, "held-out prompts sampled for the reward metric", ge=1)
+    max_new_tokens: int = param(32, "tokens sampled per prompt for the reward metric", ge=1)
+    temperature: float = param(1.0, "sampling temperature for the reward metric", gt=0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = param(0, "save every N steps; 0 means only at the end", ge=0)
+    keep: int = param(2, "newest checkpoints kept on disk", ge=1)
+    resume: str = param("auto", "'auto' (newest complete checkpoint in the run dir), "
+                                "'never', or a checkpoint dir")
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = param(None, "Ray address to join; none starts an embedded local Ray")
+    num_cpus: Optional[float] = param(None, "logical CPUs of the embedded local Ray; none: all cores",
+                                      gt=0)
+    placement_timeout_s: float = param(30.0, "how long to wait for a role's placement", gt=0)
+
+
+@dataclass
+class LogConfig:
+    progress_bar: bool = param(True, "console progress bar")
+    tensorboard: bool = param(True, "write TensorBoard event files into the run dir")
+    level: str = param("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = param(help="the policy to train")
+    data: DataConfig = param(help="datasets")
+    algorithm: str = param("dpo", "training method", choices=("dpo",))
+    run_dir: str = param("runs/default", "where checkpoints, metrics and logs go")
+    policy: PolicyConfig = param(help="policy-trainer role", factory=PolicyConfig)
+    reference: ReferenceConfig = param(help="frozen reference role", factory=ReferenceConfig)
+    dpo: DPOConfig = param(help="DPO loss", factory=DPOConfig)
+    optim: OptimConfig = param(help="optimizer", factory=OptimConfig)
+    train: TrainConfig = param(help="steps and batches", factory=TrainConfig)
+    eval: EvalConfig = param(help="held-out evaluation", factory=EvalConfig)
+    checkpoint: CheckpointConfig = param(help="checkpoints", factory=CheckpointConfig)
+    cluster: ClusterConfig = param(help="Ray cluster", factory=ClusterConfig)
+    log: LogConfig = param(help="logging", factory=LogConfig)
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict, overrides: list[str] | tuple = ()) -> "RunConfig":
+        """Build and validate from a nested dict plus ``key.sub=value`` overrides."""
+        data = _deep_copy(data or {})
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"{item}: an override must look like key.sub=value")
+            key, raw = item.split("=", 1)
+            set_dotted(data, key.strip(), yaml.safe_load(raw))
+        cfg = build(cls, data)
+        cfg.check()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | tuple = ()) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        return cls.from_dict(data, overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- rules that span fields --------------------------------------------------------------
+    def check(self) -> None:
+        """Cross-field rules; raises ConfigError naming the keys involved."""
+        n = self.policy.actors
+        if self.train.batch_size % n:
+            raise ConfigError(f"train.batch_size: {self.train.batch_size} does not split evenly over "
+                              f"policy.actors={n}; use a multiple of {n}")
+        per_actor = self.train.batch_size // n
+        if per_actor % min(self.train.micro_batch_size, per_actor):
+            raise ConfigError(f"train.micro_batch_size: {self.train.micro_batch_size} does not divide "
+                              f"the {per_actor} pairs each policy replica gets per step")
+        if self.dpo.loss == "cdpo" and self.dpo.label_smoothing == 0:
+            raise ConfigError("dpo.label_smoothing: loss 'cdpo' needs a value in (0, 0.5)")
+        if self.dpo.loss != "cdpo" and self.dpo.label_smoothing != 0:
+            raise ConfigError(f"dpo.label_smoothing: only used by loss 'cdpo', not '{self.dpo.loss}'")
+        if self.eval.reward_fn is not None and ":" not in self.eval.reward_fn:
+            raise ConfigError(f"eval.reward_fn: {self.eval.reward_fn!r} must look like module:function")
+
+    def check_paths(self) -> None:
+        """Check that the files the run reads exist (done before any actor starts)."""
+        model = Path(self.model.path)
+        if model.exists() and not (model / "config.json").is_file():
+            raise ConfigError(f"model.path: {model} has no config.json; give a Hugging Face model dir")
+        if not model.exists() and (self.model.path.startswith((".", "/")) or model.suffix
+                                   or self.model.path.count("/") > 1):
+            raise ConfigError(f"model.path: {model} not found; create one with "
+                              f"`rayalign tiny-model {model}`")
+        for key in ("train", "eval"):
+            value = getattr(self.data, key)
+            if value is not None and not Path(value).is_file():
+                raise ConfigError(f"data.{key}: file {value} not found")
+
+    @property
+    def per_actor_batch(self) -> int:
+        return self.train.batch_size // self.policy.actors
+
+
+def schema_lines() -> list[str]:
+    """Every config key with its default, range and meaning."""
+    return describe(RunConfig)
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

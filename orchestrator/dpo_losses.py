@@ -1,0 +1,83 @@
+"""Preference losses for DPO and its relatives, registered by name.
+
+Inputs are per-pair summed response log-probs of the policy (pi) and the reference (ref).
+With the log-ratio difference
+
+    h = (log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x))
+
+each loss is a function of h (per pair, averaged over the batch by the caller):
+
+    sigmoid  (DPO, Rafailov et al. 2023):      -log sigmoid(beta * h)
+    cdpo     (conservative DPO, eps smoothing): -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    ipo      (IPO, Azar et al. 2023, tau=beta): (h - 1 / (2 tau))^2
+    hinge    (SLiC-style):                      max(0, 1 - beta * h)
+
+An optional NLL term on chosen responses (RPO) adds nll_weight * (-log pi(y_w|x) / |y_w|).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+DPO_LOSSES: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register(name: str):
+    def wrap(fn):
+        DPO_LOSSES[name] = fn
+        return fn
+    return wrap
+
+
+@register("sigmoid")
+def sigmoid_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """-log sigmoid(beta h)."""
+    return -F.logsigmoid(beta * h)
+
+
+@register("cdpo")
+def conservative_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """-(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)."""
+    eps = label_smoothing
+    return -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+
+
+@register("ipo")
+def ipo_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(h - 1/(2 tau))^2 with tau = beta."""
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+@register("hinge")
+def hinge_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> torch.Tensor:
+    """max(0, 1 - beta h)."""
+    return torch.relu(1.0 - beta * h)
+
+
+def preference_loss(name: str, pi_chosen: torch.Tensor, pi_rejected: torch.Tensor,
+                    ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
+                    label_smoothing: float = 0.0, nll_weight: float = 0.0,
+                    chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Mean loss over the pairs and the per-batch statistics that go into the metrics.
+
+    Implicit rewards are beta * (log pi - log ref) for each response; accuracy counts a pair
+    as right when the chosen reward is higher, and a tie as half right.
+    """
+    h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+    per_pair = DPO_LOSSES[name](h, beta, label_smoothing)
+    if nll_weight:
+        per_pair = per_pair + nll_weight * (-pi_chosen / chosen_tokens.clamp(min=1))
+    with torch.no_grad():
+        r_c = beta * (pi_chosen - ref_chosen)
+        r_r = beta * (pi_rejected - ref_rejected)
+        stats = {
+            "rewards/chosen": r_c.sum().item(),
+            "rewards/rejected": r_r.sum().item(),
+            "rewards/margin": (r_c - r_r).sum().item(),
+            "rewards/accuracy": ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).sum().item(),
+            "logps/chosen": pi_chosen.sum().item(),
+            "logps/rejected": pi_rejected.sum().item(),
+        }
+    return per_pair.mean(), stats

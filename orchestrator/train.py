@@ -1,0 +1,27 @@
+"""The public entry point: ``train(cfg)`` runs the configured algorithm on Ray."""
+from __future__ import annotations
+
+import logging
+
+import ray
+
+from orchestrator.config import RunConfig
+from orchestrator.dpo_loop import TrainResult, run_dpo
+from orchestrator.evaluate import load_reward_fn
+from orchestrator.roles import connect
+
+log = logging.getLogger(__name__)
+LOOPS = {"dpo": run_dpo}
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Validate files, join or start Ray, run the loop, leave Ray as it was found."""
+    cfg.check()
+    cfg.check_paths()
+    load_reward_fn(cfg.eval.reward_fn)
+    started = connect(cfg)
+    try:
+        return LOOPS[cfg.algorithm](cfg)
+    finally:
+        if started:
+            ray.shutdown()
