@@ -15,7 +15,8 @@ import torch
 
 from actors.group import ALL, SCATTER, SHARDS, dispatch
 from actors.logprobs import build_inputs, pair_logprobs, pair_sequences, sequence_logprobs
-from actors.runtime import load_causal_lm, load_tokenizer, node_address, set_dist_env, set_threads
+from actors.runtime import (load_causal_lm, load_tokenizer, node_address, set_dist_env, set_threads,
+                            skip_shm_comm_op)
 from orchestrator.batches import PreferenceBatch
 from orchestrator.dpo_losses import preference_loss
 
@@ -69,6 +70,8 @@ class PolicyTrainer:
         cfg = self.cfg
         set_dist_env(master_addr, master_port, self.rank, self.world_size)
         backend = "nccl" if torch.cuda.is_available() and cfg.policy.gpus > 0 else "gloo"
+        if backend == "gloo":
+            skip_shm_comm_op()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    rank=self.rank, world_size=self.world_size)
         torch.manual_seed(cfg.train.seed)

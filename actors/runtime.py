@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import torch
 
@@ -10,10 +11,24 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def set_threads(cpus: float) -> None:
-    """Use as many torch threads as the role reserved CPUs (at least one)."""
+    """Use as many torch threads as the role reserved CPUs (at least one); quiet HF loading."""
     n = max(1, int(round(cpus)))
     torch.set_num_threads(n)
     os.environ["OMP_NUM_THREADS"] = str(n)
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from JIT-building its CPU shared-memory all-reduce op.
+
+    That op only serves ``inference_all_reduce``; training collectives go through
+    torch.distributed (gloo) either way. Building it costs about a minute on a fresh
+    machine, and concurrent ranks rebuild it over each other.
+    """
+    import deepspeed.ops
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def node_address() -> tuple[str, int]:

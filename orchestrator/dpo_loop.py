@@ -159,6 +159,7 @@ def _train(cfg, roles, data, tokenizer, reward_fn, ckpts, resume) -> TrainResult
             row = _combine(policy.run("train_step", batch.split(len(policy))))
         step += 1
         elapsed = time.perf_counter() - t_step
+        row["batch/rows"] = [p.row for p in pairs]  # which file rows this step trained on
         row.update(timer.pop(), **{"timing/step": elapsed, "pairs_per_s": row["pairs"] / elapsed,
                                    "tokens_per_s": row["tokens"] / elapsed})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
