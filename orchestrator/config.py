@@ -9,6 +9,7 @@ These dataclasses are also the public Python API for driver scripts::
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -16,6 +17,20 @@ from typing import Any, Optional
 import yaml
 
 from orchestrator.schema import ConfigError, build, describe, param, set_dotted
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads 1e-6 as a string; accept exponent floats without a dot too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -147,7 +162,7 @@ class RunConfig:
             if "=" not in item:
                 raise ConfigError(f"{item}: an override must look like key.sub=value")
             key, raw = item.split("=", 1)
-            set_dotted(data, key.strip(), yaml.safe_load(raw))
+            set_dotted(data, key.strip(), parse_yaml(raw))
         cfg = build(cls, data)
         cfg.check()
         return cfg
@@ -158,7 +173,7 @@ class RunConfig:
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            data = yaml.safe_load(path.read_text())
+            data = parse_yaml(path.read_text())
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})") from None
         return cls.from_dict(data, overrides)

@@ -68,6 +68,8 @@ def preference_loss(name: str, pi_chosen: torch.Tensor, pi_rejected: torch.Tenso
     h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
     per_pair = DPO_LOSSES[name](h, beta, label_smoothing)
     if nll_weight:
+        if chosen_tokens is None:
+            raise ValueError("nll_weight > 0 needs chosen_tokens (response lengths) for the NLL term")
         per_pair = per_pair + nll_weight * (-pi_chosen / chosen_tokens.clamp(min=1))
     with torch.no_grad():
         r_c = beta * (pi_chosen - ref_chosen)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 class MetricsLog:
     def __init__(self, run_dir: str | Path, tensorboard: bool, resume_step: int = 0):
+        """A fresh run (``resume_step`` 0) starts the file anew; a resumed one keeps its past."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self._truncate_after(resume_step)
         self.tb = None
@@ -21,8 +22,13 @@ class MetricsLog:
         """Drop lines past the resumed step (written by a run that died before its checkpoint)."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = []
+        for line in self.path.read_text().splitlines() if step > 0 else []:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line torn by a crash mid-write
+                continue
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, step: int, metrics: dict) -> None:

@@ -1,6 +1,6 @@
 """A seeded, resumable sampler over dataset indices.
 
-Each epoch is a permutation drawn from ``seed + epoch``; the sampler's whole state is
+Each epoch is a permutation drawn from (seed, epoch); the sampler's whole state is
 (epoch, position), saved in checkpoints, so a resumed run draws exactly the indices an
 uninterrupted run would have drawn next.
 """
@@ -20,7 +20,7 @@ class ResumableSampler:
     def _permutation(self, epoch: int) -> list[int]:
         order = list(range(self.size))
         if self.shuffle:
-            random.Random(self.seed + epoch).shuffle(order)
+            random.Random(f"{self.seed}-{epoch}").shuffle(order)
         return order
 
     def next_batch(self, n: int) -> list[int]:

@@ -1,0 +1,199 @@
+"""Response log-probs: packed == padded == a plain per-sequence reference; prompts excluded."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from actors.logprobs import build_inputs, pair_logprobs, pair_sequences, sequence_logprobs
+from orchestrator.data import PreferenceExample
+
+pytestmark = pytest.mark.unit
+
+VOCAB = 64
+
+# (prompt ids, response ids) of different lengths, including a 1-token prompt and response
+SEQS = [
+    ([5, 6, 7], [8, 9]),
+    ([10], [11, 12, 13, 14, 15]),
+    ([1, 2, 3, 4, 5, 6, 7, 8], [9]),
+    ([20, 21], [22, 23, 24]),
+]
+
+
+def make_model(attn: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
+                      head_dim=64, max_position_embeddings=128, tie_word_embeddings=False,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    cfg._attn_implementation = attn
+    model = LlamaForCausalLM(cfg).float().eval()
+    return model
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def model(request):
+    return make_model(request.param)
+
+
+def reference_logprobs(model, seqs):
+    """Each sequence alone, full forward, log_softmax, sum over response-token predictions."""
+    out = []
+    with torch.no_grad():
+        for p, r in seqs:
+            ids = torch.tensor([p + r])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+            total = 0.0
+            for j, tok in enumerate(r):
+                total += logp[len(p) + j - 1, tok].item()
+            out.append(total)
+    return out
+
+
+def test_build_inputs_packed_layout():
+    inp = build_inputs([([1, 2], [3, 4]), ([5], [6])], pack=True)
+    assert inp.input_ids.tolist() == [[1, 2, 3, 4, 5, 6]]
+    assert inp.position_ids.tolist() == [[0, 1, 2, 3, 0, 1]]
+    assert inp.attention_mask is None
+    # position 1 predicts 3, 2 predicts 4, 4 predicts 6; prompt positions 0 and 3 never kept
+    assert inp.keep.tolist() == [1, 2, 4]
+    assert inp.targets.tolist() == [3, 4, 6]
+    assert inp.owner.tolist() == [0, 0, 1]
+    assert inp.num_sequences == 2
+
+
+def test_build_inputs_padded_layout():
+    inp = build_inputs([([1, 2], [3, 4]), ([5], [6])], pack=False, pad_id=0)
+    assert inp.input_ids.tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert inp.attention_mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    # positions of real tokens count from 0 in each row (padding positions are masked out)
+    assert inp.position_ids.tolist()[0] == [0, 1, 2, 3]
+    assert inp.position_ids.tolist()[1][:2] == [0, 1]
+    assert inp.keep.tolist() == [1, 2, 4]
+    assert inp.targets.tolist() == [3, 4, 6]
+    assert inp.owner.tolist() == [0, 0, 1]
+
+
+def test_packed_equals_padded_equals_reference(model):
+    with torch.no_grad():
+        packed, n_packed = sequence_logprobs(model, build_inputs(SEQS, pack=True))
+        padded, n_padded = sequence_logprobs(model, build_inputs(SEQS, pack=False))
+    ref = torch.tensor(reference_logprobs(model, SEQS), dtype=torch.float32)
+    assert n_packed.tolist() == n_padded.tolist() == [len(r) for _, r in SEQS]
+    assert torch.allclose(packed, padded, atol=1e-5, rtol=0), (packed, padded)
+    assert torch.allclose(packed, ref, atol=1e-5, rtol=0), (packed, ref)
+    assert torch.allclose(padded, ref, atol=1e-5, rtol=0), (padded, ref)
+    assert (packed < 0).all()
+
+
+def test_single_sequence_both_layouts(model):
+    seqs = SEQS[1:2]
+    with torch.no_grad():
+        packed, _ = sequence_logprobs(model, build_inputs(seqs, pack=True))
+        padded, _ = sequence_logprobs(model, build_inputs(seqs, pack=False))
+    ref = reference_logprobs(model, seqs)
+    assert packed.item() == pytest.approx(ref[0], abs=1e-5)
+    assert padded.item() == pytest.approx(ref[0], abs=1e-5)
+
+
+def test_gradients_flow(model):
+    out, _ = sequence_logprobs(model, build_inputs(SEQS[:2], pack=True))
+    out.sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+class PoisonedPrompts(torch.nn.Module):
+    """Wraps a model; replaces the logits at every prompt-predicting position with garbage.
+
+    A position t of a sequence (prompt p) predicts token t+1; positions 0..len(p)-2 predict
+    prompt tokens and must not count. ``poison`` marks them in the flat [rows*T] layout.
+    """
+
+    def __init__(self, inner, poison: torch.Tensor):
+        super().__init__()
+        self.inner, self.poison = inner, poison
+
+    def forward(self, input_ids, logits_to_keep=None, **kw):
+        logits = self.inner(input_ids=input_ids, **kw).logits
+        rows, width, vocab = logits.shape
+        flat = logits.reshape(rows * width, vocab).clone()
+        g = torch.Generator().manual_seed(1)
+        flat[self.poison] = torch.randn(int(self.poison.sum()), vocab, generator=g) * 100
+        logits = flat.reshape(rows, width, vocab)
+        if logits_to_keep is not None:
+            logits = logits[:, logits_to_keep, :]
+        return types.SimpleNamespace(logits=logits)
+
+
+def _prompt_positions(seqs, pack: bool) -> torch.Tensor:
+    width = sum(len(p) + len(r) for p, r in seqs) if pack else max(len(p) + len(r) for p, r in seqs)
+    rows = 1 if pack else len(seqs)
+    mask = torch.zeros(rows * width, dtype=torch.bool)
+    offset = 0
+    for s, (p, r) in enumerate(seqs):
+        start = offset if pack else s * width
+        mask[start:start + len(p) - 1] = True      # positions predicting prompt tokens 1..
+        if not pack:
+            mask[start + len(p) + len(r):(s + 1) * width] = True  # padding
+        offset += len(p) + len(r)
+    return mask
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_prompt_positions_do_not_count(model, pack):
+    inputs = build_inputs(SEQS, pack=pack)
+    poison = _prompt_positions(SEQS, pack)
+    assert poison.sum() > 0
+    with torch.no_grad():
+        clean, _ = sequence_logprobs(model, inputs)
+        dirty, _ = sequence_logprobs(PoisonedPrompts(model, poison), inputs)
+    assert torch.allclose(clean, dirty, atol=1e-6, rtol=0)
+
+
+def test_prompt_tokens_excluded_from_sum(model):
+    # the sum has exactly len(response) terms: equal to the per-response-token reference,
+    # and different from a sum that also counts the prompt tokens
+    p, r = SEQS[2]
+    with torch.no_grad():
+        out, counts = sequence_logprobs(model, build_inputs([(p, r)], pack=True))
+        logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0], -1)
+    full = p + r
+    response_only = sum(logp[t - 1, full[t]].item() for t in range(len(p), len(full)))
+    with_prompt = sum(logp[t - 1, full[t]].item() for t in range(1, len(full)))
+    assert counts.tolist() == [len(r)]
+    assert out.item() == pytest.approx(response_only, abs=1e-5)
+    assert abs(out.item() - with_prompt) > 1e-2
+
+
+def _pairs():
+    return [
+        PreferenceExample([5, 6, 7], [8, 9, 1], [30, 1], row=1),
+        PreferenceExample([10, 11], [12, 1], [40, 41, 42, 43, 1], row=2),
+        PreferenceExample([3], [4, 5, 6, 1], [7, 1], row=3),
+    ]
+
+
+def test_pair_sequences_order():
+    pairs = _pairs()
+    seqs = pair_sequences(pairs)
+    assert seqs[:3] == [(p.prompt_ids, p.chosen_ids) for p in pairs]
+    assert seqs[3:] == [(p.prompt_ids, p.rejected_ids) for p in pairs]
+
+
+@pytest.mark.parametrize("pack, micro_batch", [(True, 2), (False, 2), (True, 8)])
+def test_pair_logprobs_chosen_rejected_in_order(model, pack, micro_batch):
+    pairs = _pairs()
+    out = pair_logprobs(model, pairs, micro_batch=micro_batch, pack=pack)
+    assert len(out) == len(pairs)
+    chosen = reference_logprobs(model, [(p.prompt_ids, p.chosen_ids) for p in pairs])
+    rejected = reference_logprobs(model, [(p.prompt_ids, p.rejected_ids) for p in pairs])
+    for (c, r), ec, er in zip(out, chosen, rejected):
+        assert c == pytest.approx(ec, abs=1e-5)
+        assert r == pytest.approx(er, abs=1e-5)
+    assert isinstance(out[0], tuple) and isinstance(out[0][0], float)
