@@ -110,13 +110,17 @@ class PolicyTrainer:
                 cfg.dpo.loss, logps[:n], logps[n:], mb.ref_chosen, mb.ref_rejected, cfg.dpo.beta,
                 cfg.dpo.label_smoothing, cfg.dpo.nll_weight, counts[:n])
             engine.backward(loss)
+            if cfg.policy.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
+                # DeepSpeed reports no global grad norm without ZeRO; take it before the step
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                own_norm = torch.nn.utils.get_total_norm(grads).item()
             engine.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             sums["loss"] += loss.item() * n
             sums["pairs"] += n
             sums["tokens"] += sum(len(p) + len(r) for p, r in pair_sequences(mb.pairs))
-        grad_norm = engine.get_global_grad_norm()
+        grad_norm = engine.get_global_grad_norm() if cfg.policy.zero_stage else own_norm
         sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         sums["lr"] = engine.get_lr()[0]
         sums["train_seconds"] = time.perf_counter() - t0
