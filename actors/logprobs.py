@@ -1,13 +1,15 @@
 """Per-sequence log-probabilities of response tokens, packed or padded.
 
 A sequence is (prompt ids, response ids). Its log-prob is the sum over response tokens of
-log p(token | everything before it); prompt tokens never count. With packing, all sequences
-of a micro-batch go into one row whose position ids restart at 0 for each sequence, so
-transformers builds a block-diagonal causal mask and no compute is spent on padding. Only
-the positions that predict response tokens are sent through the LM head.
+log p(token | everything before it); prompt tokens never count. With packing, the sequences
+of a micro-batch are binned into rows as wide as the longest one; position ids restart at 0
+for each sequence, so transformers builds block-diagonal causal masks, and almost no
+compute goes to padding. Only the positions that predict response tokens are sent through
+the LM head.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +21,10 @@ Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
 class ModelInputs:
     """One forward pass worth of sequences.
 
-    input_ids / position_ids: [rows, T]; attention_mask: [rows, T] or None when packed.
-    keep: flat indices into rows*T of the positions whose next token is a response token;
-    targets: those next tokens; owner: which sequence each kept position belongs to.
+    input_ids / position_ids: [rows, W]; attention_mask: [rows, W], or None when packed
+    (position ids then mark where each sequence starts). keep: flat indices into rows*W of
+    the positions whose next token is a response token; targets: those next tokens;
+    owner: which sequence each kept position belongs to.
     """
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -32,53 +35,84 @@ class ModelInputs:
     num_sequences: int
 
 
+def pack_rows(lengths: list[int]) -> tuple[int, list[list[int]]]:
+    """First-fit-decreasing bins of width = the longest sequence: (width, sequence ids per row).
+
+    Attention costs rows * width^2, so bins as narrow as the longest sequence keep the
+    block-diagonal masks small, while filling rows keeps padding (wasted MLP work) low.
+    """
+    width = max(lengths)
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for s in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[s] <= room:
+                rows[r].append(s)
+                free[r] -= lengths[s]
+                break
+        else:
+            rows.append([s])
+            free.append(width - lengths[s])
+    return width, rows
+
+
 def build_inputs(seqs: list[Sequence], pack: bool, pad_id: int = 0) -> ModelInputs:
-    """Lay sequences out as one packed row (``pack``) or as right-padded rows."""
-    keep, targets, owner = [], [], []
+    """Lay sequences out packed into rows (``pack``) or one right-padded row per sequence."""
+    lengths = [len(p) + len(r) for p, r in seqs]
     if pack:
-        ids, pos, offset = [], [], 0
-        for s, (p, r) in enumerate(seqs):
-            full = p + r
-            ids += full
-            pos += range(len(full))
-            # position t predicts token t+1; response tokens sit at len(p) .. len(full)-1
-            keep += range(offset + len(p) - 1, offset + len(full) - 1)
-            targets += r
-            owner += [s] * len(r)
-            offset += len(full)
-        input_ids = torch.tensor([ids])
-        position_ids = torch.tensor([pos])
-        mask = None
+        width, rows = pack_rows(lengths)
     else:
-        width = max(len(p) + len(r) for p, r in seqs)
-        input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for s, (p, r) in enumerate(seqs):
-            full = p + r
-            input_ids[s, :len(full)] = torch.tensor(full)
-            mask[s, :len(full)] = 1
-            keep += range(s * width + len(p) - 1, s * width + len(full) - 1)
-            targets += r
-            owner += [s] * len(r)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        width, rows = max(lengths), [[s] for s in range(len(seqs))]
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = None if pack else torch.zeros((len(rows), width), dtype=torch.long)
+    keep, targets, owner = [], [], []
+    for r, members in enumerate(rows):
+        col = 0
+        for s in members:
+            p, resp = seqs[s]
+            n = len(p) + len(resp)
+            input_ids[r, col:col + n] = torch.tensor(p + resp)
+            position_ids[r, col:col + n] = torch.arange(n)
+            if mask is not None:
+                mask[r, col:col + n] = 1
+            # position t predicts token t+1; response tokens sit at len(p) .. n-1
+            start = r * width + col
+            keep += range(start + len(p) - 1, start + n - 1)
+            targets += resp
+            owner += [s] * len(resp)
+            col += n
+        # the filler at the end of a packed row counts as one more sequence of its own
+        position_ids[r, col:] = torch.arange(width - col)
     return ModelInputs(input_ids, position_ids, mask, torch.tensor(keep), torch.tensor(targets),
                        torch.tensor(owner), len(seqs))
+
+
+@contextmanager
+def head_on_positions(model, keep: torch.Tensor):
+    """Feed only the ``keep`` positions (flat over rows*W) to the model's LM head."""
+    head = getattr(model, "module", model).get_output_embeddings()
+
+    def select(_module, args):
+        hidden = args[0]
+        return (hidden.reshape(-1, hidden.shape[-1])[keep].unsqueeze(0),) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def token_logprobs(model, inputs: ModelInputs) -> torch.Tensor:
     """Log-prob of each response token, flat in the order of ``inputs.keep``."""
     device = next(model.parameters()).device
-    rows, width = inputs.input_ids.shape
     kwargs = dict(input_ids=inputs.input_ids.to(device), position_ids=inputs.position_ids.to(device),
                   use_cache=False)
     if inputs.attention_mask is not None:
         kwargs["attention_mask"] = inputs.attention_mask.to(device)
-    if rows == 1:
-        # only the kept positions go through the LM head
-        logits = model(**kwargs, logits_to_keep=inputs.keep.to(device)).logits[0]
-    else:
-        logits = model(**kwargs).logits.reshape(rows * width, -1)[inputs.keep.to(device)]
-    logits = logits.float()
+    with head_on_positions(model, inputs.keep.to(device)):
+        logits = model(**kwargs).logits[0].float()
     targets = inputs.targets.to(device)
     picked = logits.gather(-1, targets[:, None]).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)

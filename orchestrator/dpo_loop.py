@@ -62,6 +62,20 @@ class DPOData:
         self.ref_eval: list = []
 
 
+def check_model_fits(cfg, data: DPOData) -> None:
+    """Refuse lengths and token ids the model cannot take, before any actor starts."""
+    from transformers import AutoConfig
+    model_cfg = AutoConfig.from_pretrained(cfg.model.path)
+    limit = getattr(model_cfg, "max_position_embeddings", None)
+    if limit and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length: {cfg.data.max_length} exceeds the model's "
+                          f"max_position_embeddings ({limit}); lower it to at most {limit}")
+    top = max(max(ex.prompt_ids + ex.chosen_ids + ex.rejected_ids) for ex in data.train + data.eval)
+    if top >= model_cfg.vocab_size:
+        raise ConfigError(f"model.path: the tokenizer makes token id {top} but the model's vocab "
+                          f"has {model_cfg.vocab_size} entries; use the tokenizer saved with the model")
+
+
 def _resume_dir(cfg, ckpts: CheckpointManager) -> Path | None:
     spec = cfg.checkpoint.resume
     if spec == "never":
@@ -91,6 +105,7 @@ def run_dpo(cfg) -> TrainResult:
     reward_fn = load_reward_fn(cfg.eval.reward_fn)
     tokenizer = load_tokenizer(cfg.model.path)
     data = DPOData(cfg, tokenizer)
+    check_model_fits(cfg, data)
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep)
     ckpts.clear_partial()
     resume = _resume_dir(cfg, ckpts)
