@@ -15,6 +15,7 @@ import torch
 
 from actors.group import ALL, SCATTER, SHARDS, dispatch
 from actors.logprobs import build_inputs, pair_logprobs, pair_sequences, sequence_logprobs
+from actors.weight_sync import WeightSender
 from actors.runtime import (load_causal_lm, load_tokenizer, node_address, set_dist_env, set_threads,
                             skip_shm_comm_op)
 from orchestrator.batches import PreferenceBatch
@@ -54,7 +55,7 @@ def deepspeed_config(cfg) -> dict:
     }
 
 
-class PolicyTrainer:
+class PolicyTrainer(WeightSender):
     def __init__(self, rank: int, world_size: int, cfg):
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         set_threads(cfg.policy.cpus)
@@ -62,6 +63,13 @@ class PolicyTrainer:
 
     def address(self) -> tuple[str, int]:
         return node_address()
+
+    def weights_module(self):
+        """The HF model whose parameters go to the rollout engines."""
+        return self.engine.module
+
+    def weights_zero3(self) -> bool:
+        return self.cfg.policy.zero_stage == 3
 
     @dispatch(ALL)
     def setup(self, master_addr: str, master_port: int) -> int:

@@ -1,4 +1,4 @@
-"""The ``rayalign`` command line: train, validate, schema, tiny-model, synthetic-data."""
+"""The ``rayalign`` command line: train, validate, generate, schema, tiny-model, synthetic-data."""
 from __future__ import annotations
 
 import argparse
@@ -30,11 +30,30 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--min-words", type=int, default=8)
     d.add_argument("--max-words", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
+    g = sub.add_parser("generate", help="sample from a model or checkpoint dir with vLLM engines")
+    g.add_argument("model", help="Hugging Face model dir, or a checkpoint dir holding model/")
+    g.add_argument("prompts", help="prompt file (.jsonl, .parquet or .arrow) with a 'prompt' column")
+    g.add_argument("--out", required=True, help="JSONL file to write the samples to")
+    g.add_argument("--n", type=int, default=1, help="samples per prompt")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--reward-fn", default=None, help="module:function to score each sample")
+    g.epilog = ("Engine and cluster settings follow as KEY=VALUE, e.g. rollout.actors=2 "
+                "rollout.max_model_len=512 cluster.num_cpus=4 (see `rayalign schema`).")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "generate":
+        args.settings = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
@@ -61,6 +80,23 @@ def _run(args) -> int:
         logging.getLogger().setLevel(cfg.log.level)
         from orchestrator.train import train
         train(cfg)
+        return 0
+    if args.command == "generate":
+        from orchestrator.config import ClusterConfig, RolloutConfig, parse_yaml
+        from orchestrator.generate import generate
+        from orchestrator.schema import build
+        sections: dict = {"rollout": {}, "cluster": {}}
+        for item in args.settings:
+            key, _, raw = item.partition("=")
+            section, _, name = key.partition(".")
+            if section not in sections or not name or not raw:
+                raise ConfigError(f"{item}: expected rollout.KEY=VALUE or cluster.KEY=VALUE")
+            sections[section][name] = parse_yaml(raw)
+        sampling = dict(n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, stop=tuple(args.stop), seed=args.seed)
+        generate(args.model, args.prompts, args.out, sampling,
+                 build(RolloutConfig, sections["rollout"], "rollout"),
+                 build(ClusterConfig, sections["cluster"], "cluster"), args.reward_fn)
         return 0
     if args.command == "schema":
         from orchestrator.config import schema_lines

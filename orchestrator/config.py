@@ -74,6 +74,36 @@ class ReferenceConfig(RoleConfig):
 
 
 @dataclass
+class RolloutConfig(RoleConfig):
+    tensor_parallel_size: int = param(1, "workers (chips) per engine; the weights are sharded "
+                                         "over them", ge=1)
+    max_model_len: int = param(1024, "longest prompt + response an engine accepts, in tokens",
+                               ge=16)
+    seed: int = param(0, "sampling seed of engine 0; engine i uses seed + i", ge=0)
+    enforce_eager: bool = param(True, "no graph capture or compilation: faster start, slower "
+                                      "decoding on GPU")
+    gpu_memory_utilization: float = param(0.5, "GPU: fraction of device memory for weights and "
+                                               "KV cache", gt=0, le=1)
+    kv_cache_gib: float = param(1.0, "CPU: KV-cache size per engine in GiB", gt=0)
+    cpu_threads_bind: str = param("auto", "CPU: vLLM's OpenMP binding ('auto', 'nobind', or "
+                                          "core lists such as '0-3')")
+    in_actor: bool = param(True, "run vLLM's engine core (and at tp=1 its worker) in the actor "
+                                 "process instead of spawning them")
+    long_prompt: str = param("error", "a prompt longer than max_model_len - 1 tokens: stop with an "
+                                      "error, keep its last tokens, or skip it",
+                             choices=("error", "truncate", "skip"))
+
+
+@dataclass
+class WeightSyncConfig:
+    bucket_mb: float = param(64.0, "bytes per broadcast: parameters are packed into buckets of "
+                                   "this size", gt=0)
+    timeout_s: float = param(300.0, "how long a member of the trainer<->engines group waits "
+                                    "for the others", gt=0)
+    every: int = param(1, "sync the engines after every N optimizer steps", ge=1)
+
+
+@dataclass
 class DPOConfig:
     loss: str = param("sigmoid", "preference loss: sigmoid (DPO), ipo, cdpo (label smoothing), hinge",
                       choices=("sigmoid", "ipo", "cdpo", "hinge"))
@@ -145,6 +175,10 @@ class RunConfig:
     run_dir: str = param("runs/default", "where checkpoints, metrics and logs go")
     policy: PolicyConfig = param(help="policy-trainer role", factory=PolicyConfig)
     reference: ReferenceConfig = param(help="frozen reference role", factory=ReferenceConfig)
+    rollout: RolloutConfig = param(help="vLLM rollout engines (online methods, generation)",
+                                   factory=RolloutConfig)
+    weight_sync: WeightSyncConfig = param(help="trainer => engine weight sync",
+                                          factory=WeightSyncConfig)
     dpo: DPOConfig = param(help="DPO loss", factory=DPOConfig)
     optim: OptimConfig = param(help="optimizer", factory=OptimConfig)
     train: TrainConfig = param(help="steps and batches", factory=TrainConfig)

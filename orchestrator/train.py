@@ -19,7 +19,7 @@ def train(cfg: RunConfig) -> TrainResult:
     cfg.check()
     cfg.check_paths()
     load_reward_fn(cfg.eval.reward_fn)
-    started = connect(cfg)
+    started = connect(cfg.cluster)
     try:
         return LOOPS[cfg.algorithm](cfg)
     finally:

@@ -1,0 +1,250 @@
+"""The rollout role: a vLLM engine inside an actor that samples responses and receives weights.
+
+One replica is one ``vllm.LLM`` (with ``tensor_parallel_size`` workers of its own). By default
+(``in_actor``) vLLM's engine core, and at tensor_parallel_size 1 its worker too, run inside the
+actor's process; otherwise vLLM spawns them. The weight-transfer engine ``rayalign_gloo``
+(``actors/vllm_weight_engine.py``) is registered wherever a worker runs, by naming
+``WeightSyncExtension`` as vLLM's worker extension class.
+
+Log-probs come from the engine in two ways: :meth:`RolloutEngine.generate` returns the
+log-prob of each sampled token, and :meth:`RolloutEngine.logprobs` scores given response tokens
+after a given prompt (one prefill with ``prompt_logprobs``). The second is what the weight-sync
+proof compares with the trainer's log-probs of the same tokens.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, fields
+
+from actors.group import ALL, SCATTER, dispatch
+
+log = logging.getLogger(__name__)
+
+Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
+
+
+@dataclass
+class RolloutSettings:
+    """How to build one engine. Ranges are checked by the config schema
+    (``orchestrator/config.py``, section ``rollout``), not here."""
+    model_path: str                      # local Hugging Face model dir
+    tensor_parallel_size: int = 1        # workers per engine (one chip / CPU socket each)
+    max_model_len: int = 1024            # longest prompt + response, in tokens
+    dtype: str = "float32"               # engine weights and activations
+    seed: int = 0                        # sampling seed (engine rank is added)
+    enforce_eager: bool = True           # no graph capture / compilation (fast start)
+    gpu_memory_utilization: float = 0.5  # GPU: fraction of device memory for weights + KV cache
+    kv_cache_gib: float = 1.0            # CPU: KV-cache size
+    cpu_threads_bind: str = "auto"       # CPU: VLLM_CPU_OMP_THREADS_BIND ("auto", "nobind", "0-3")
+    in_actor: bool = True                # engine core (and, at tp=1, the worker) in this process
+    logprobs_mode: str = "raw_logprobs"  # log-probs of the model's own distribution (T = 1)
+    weight_sync: bool = True             # build the rayalign_gloo weight-transfer engine
+    long_prompt: str = "error"           # a prompt that leaves no room: error, truncate or skip
+
+
+@dataclass
+class Sampling:
+    """How to sample. ``max_new_tokens`` bounds each response; ``stop`` ends it at a string."""
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                       # 0: no top-k cut
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None              # prompt j of this engine's share is sampled with seed + j
+    ignore_eos: bool = False             # keep sampling past EOS (benchmarks: fixed lengths)
+
+    @classmethod
+    def from_dict(cls, d: dict | Sampling | None) -> Sampling:
+        if isinstance(d, Sampling):
+            return d
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d or {}) - known)
+        if bad:
+            raise ValueError(f"sampling: unknown key(s) {', '.join(bad)}; "
+                             f"known: {', '.join(sorted(known))}")
+        return cls(**(d or {}))
+
+
+@dataclass
+class RolloutSample:
+    """One sampled response. ``logprobs[i]`` is log p(response_ids[i] | prompt, response[:i])
+    under the engine's weights; ``finish_reason`` is "stop" (EOS or a stop string), "length"
+    (``max_new_tokens`` or ``max_model_len`` reached) or "skipped" (prompt too long, and the
+    engine's ``long_prompt`` is skip)."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+class RolloutEngine:
+    """A vLLM engine as one replica of the rollout role.
+
+    Made with ``ActorGroup("rollout", RolloutEngine, pg, n, cpus, gpus, init_args=(settings,))``.
+    """
+
+    def __init__(self, rank: int, world_size: int, settings: RolloutSettings):
+        self.rank, self.world_size, self.settings = rank, world_size, settings
+        s = settings
+        local = s.model_path.startswith(("/", ".", "~"))
+        if local and not os.path.isdir(os.path.expanduser(s.model_path)):
+            raise RuntimeError(f"rollout engine {rank}: model dir {s.model_path} not found")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", s.cpu_threads_bind)
+        if s.in_actor:
+            # vLLM would otherwise spawn an engine-core process and a worker process, each
+            # importing vLLM again (about 15 s apiece on a small CPU machine)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        backend = "uni" if s.in_actor and s.tensor_parallel_size == 1 else "mp"
+        import vllm
+
+        from actors.vllm_weight_engine import register
+        register()  # rayalign_gloo, for a worker in this process (vLLM's spawned ones do it too)
+        kwargs = dict(
+            model=s.model_path, tensor_parallel_size=s.tensor_parallel_size,
+            max_model_len=s.max_model_len, dtype=s.dtype, seed=s.seed + rank,
+            enforce_eager=s.enforce_eager, gpu_memory_utilization=s.gpu_memory_utilization,
+            logprobs_mode=s.logprobs_mode, distributed_executor_backend=backend,
+            worker_extension_cls="actors.vllm_weight_engine.WeightSyncExtension")
+        if s.weight_sync:
+            kwargs["weight_transfer_config"] = {"backend": "rayalign_gloo"}
+        if not _has_gpu():
+            kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * (1 << 30))
+        t0 = time.perf_counter()
+        try:
+            self.llm = vllm.LLM(**kwargs)
+        except Exception as e:
+            # with spawned workers vLLM's message only says "see root cause above"
+            hint = ("; the worker's own error is in vLLM's log above" if "root cause" in str(e)
+                    or "initialization failed" in str(e) else "")
+            raise RuntimeError(f"rollout engine {rank}: vLLM could not start on {s.model_path} "
+                               f"({type(e).__name__}: {e}){hint}") from e
+        log.info("rollout engine %d up in %.1fs (%s, tp=%d)", rank, time.perf_counter() - t0,
+                 s.model_path, s.tensor_parallel_size)
+
+    # ---- sampling ---------------------------------------------------------------------------
+    def _check_lengths(self, lengths: list[int], what: str, room: int) -> None:
+        limit = self.settings.max_model_len
+        for i, n in enumerate(lengths):
+            if n + room > limit:
+                raise ValueError(
+                    f"rollout engine {self.rank}: {what} {i} has {n} tokens, but max_model_len is "
+                    f"{limit}{' and at least one response token must fit' if room else ''}")
+
+    @dispatch(SCATTER)
+    def generate(self, prompts: list[list[int]],
+                 sampling: dict | Sampling | None = None) -> list[RolloutSample]:
+        """Sample ``sampling.n`` responses per prompt; samples of a prompt are adjacent."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        sp = Sampling.from_dict(sampling)
+        prompts, skipped = self._fit_prompts([list(p) for p in prompts])
+        params = [SamplingParams(
+            n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+            max_tokens=sp.max_new_tokens, stop=list(sp.stop), logprobs=0, ignore_eos=sp.ignore_eos,
+            seed=None if sp.seed is None else sp.seed + i) for i in range(len(prompts))]
+        todo = [i for i in range(len(prompts)) if i not in skipped]
+        outputs = dict(zip(todo, self.llm.generate(
+            [TokensPrompt(prompt_token_ids=prompts[i]) for i in todo], [params[i] for i in todo],
+            use_tqdm=False))) if todo else {}
+        samples = []
+        for i, prompt in enumerate(prompts):
+            if i in skipped:  # kept in place so results still line up with the prompts
+                samples += [RolloutSample(prompt, [], [], "skipped") for _ in range(sp.n)]
+                continue
+            for c in outputs[i].outputs:
+                ids = list(c.token_ids)
+                lps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
+                samples.append(RolloutSample(prompt, ids, lps, c.finish_reason or "length"))
+        return samples
+
+    def _fit_prompts(self, prompts: list[list[int]]) -> tuple[list[list[int]], set[int]]:
+        """Apply ``long_prompt`` to prompts that leave no room for a response token."""
+        mode, room = self.settings.long_prompt, self.settings.max_model_len - 1
+        if mode == "error":
+            self._check_lengths([len(p) for p in prompts], "prompt", room=1)
+            return prompts, set()
+        long = {i for i, p in enumerate(prompts) if len(p) > room}
+        if long:
+            log.warning("rollout engine %d: %d prompt(s) longer than %d tokens %s", self.rank,
+                        len(long), room, "skipped" if mode == "skip" else "cut to their last tokens")
+        if mode == "truncate":  # keep the end, where the generation prompt is
+            return [p[-room:] if i in long else p for i, p in enumerate(prompts)], set()
+        return prompts, long
+
+    @dispatch(SCATTER)
+    def logprobs(self, sequences: list[Sequence]) -> list[list[float]]:
+        """log p(response token | prompt, earlier response tokens) for each (prompt, response)."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        self._check_lengths([len(p) + len(r) for p, r in sequences], "sequence", room=0)
+        for i, (p, _) in enumerate(sequences):
+            if not p:
+                raise ValueError(f"rollout engine {self.rank}: sequence {i} has an empty prompt")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in sequences],
+            params, use_tqdm=False)
+        result = []
+        for (prompt, response), out in zip(sequences, outputs):
+            full = list(prompt) + list(response)
+            steps = out.prompt_logprobs  # steps[t]: {token: Logprob} for full[t] (None at t = 0)
+            result.append([steps[t][full[t]].logprob for t in range(len(prompt), len(full))])
+        return result
+
+    # ---- weights ----------------------------------------------------------------------------
+    def workers(self) -> int:
+        """Ranks this engine takes in the weight-sync group (one per worker)."""
+        return self.settings.tensor_parallel_size
+
+    def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
+                         world_size: int, timeout_s: float = 300.0) -> None:
+        """Join the trainer<->engines gloo group (every member calls this at the same time)."""
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(dict(
+            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
+            world_size=world_size, timeout_s=timeout_s),))
+
+    @dispatch(ALL)
+    def update_weights(self, info: dict) -> dict:
+        """Receive one full set of weights (while the trainer sends it) and check it is whole.
+
+        Raises :class:`WeightSyncError` naming the parameters that did not arrive, or that the
+        engine's checkpoint does not have; the engine keeps working either way.
+        """
+        from actors.weight_sync import WeightSyncError
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("start_weight_update")
+        try:
+            self.llm.collective_rpc("update_weights", args=(info,))
+        finally:
+            self.llm.collective_rpc("finish_weight_update")
+            self.llm.reset_prefix_cache()
+        reports = self.llm.collective_rpc("rayalign_sync_report")
+        for worker, rep in enumerate(reports):
+            if rep.get("missing") or rep.get("unexpected"):
+                raise WeightSyncError(
+                    f"rollout engine {self.rank} (worker {worker}): weight sync incomplete: "
+                    f"{len(rep['missing'])} parameter(s) missing: {_short(rep['missing'])}; "
+                    f"{len(rep['unexpected'])} unknown: {_short(rep['unexpected'])}")
+        seconds = time.perf_counter() - t0
+        log.info("rollout engine %d: %d tensors received in %.2fs", self.rank,
+                 reports[0].get("received", 0), seconds)
+        return {"rank": self.rank, "received": reports[0].get("received", 0),
+                "checked": reports[0].get("checked", False), "seconds": seconds}
+
+    def shutdown(self) -> None:
+        """Stop the engine's processes now rather than when the actor dies."""
+        engine = getattr(self.llm, "llm_engine", None)
+        if engine is not None and hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+
+
+def _short(names: list[str], n: int = 8) -> str:
+    return ", ".join(names[:n]) + (f" (+{len(names) - n} more)" if len(names) > n else "") or "none"
+
+
+def _has_gpu() -> bool:
+    import torch
+    return torch.cuda.is_available()

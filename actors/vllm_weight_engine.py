@@ -1,0 +1,174 @@
+"""Engine side of trainer => engine weight sync: vLLM's ``rayalign_gloo`` transfer engine.
+
+Importing this module inside a vLLM process registers the engine in vLLM's
+``WeightTransferEngineFactory``; vLLM imports it in its worker processes because the rollout
+engine names :class:`WeightSyncExtension` as its ``worker_extension_cls``. The wire (group,
+bucket layout, metadata) is shared with the trainer side in ``actors/weight_sync.py``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from actors.weight_sync import BACKEND, UpdateInfo, WeightGroup, _nbytes, bucket_layout, open_group
+
+
+def checkpoint_names(model_dir: str, tied_embeddings: bool) -> set[str] | None:
+    """Tensor names of the safetensors checkpoint in ``model_dir``; None if there is none."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = set(json.loads(index.read_text())["weight_map"])
+    else:
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            return None
+        from safetensors import safe_open
+        names = set()
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                names.update(fh.keys())
+    names = {n for n in names if not n.endswith("rotary_emb.inv_freq")}
+    if tied_embeddings:
+        names.discard("lm_head.weight")
+    return names
+
+
+def refresh_shared_layers(model: torch.nn.Module) -> int:
+    """Re-run weight post-processing of layers that share a parameter with another layer.
+
+    A tied LM head holds the embedding's parameter but receives no tensor of its own, so
+    vLLM's layerwise reload skips its post-processing; on CPU that step builds the oneDNN
+    matmul handle from a copy of the weight, which would keep serving the old weights.
+    Returns how many layers were refreshed.
+    """
+    owners: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(module)
+    refreshed = 0
+    for modules in owners.values():
+        if len(modules) < 2:
+            continue
+        for module in modules:
+            method = getattr(module, "quant_method", None)
+            weight = getattr(module, "weight", None)
+            if weight is None or weight.numel() == 0:  # already packed away (CPU linear layers)
+                continue
+            if method is not None and hasattr(method, "process_weights_after_loading"):
+                method.process_weights_after_loading(module)
+                refreshed += 1
+    return refreshed
+
+
+def _engine_classes():
+    """Define the vLLM-side classes (vLLM is imported only where an engine runs)."""
+    from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
+                                                       WeightTransferUpdateInfo)
+
+    @dataclass
+    class GlooInitInfo(WeightTransferInitInfo):
+        """Rendezvous of one engine: its first rank in the group, and the group's size."""
+        master_address: str
+        master_port: int
+        rank_offset: int
+        world_size: int
+        timeout_s: float = 300.0
+
+    @dataclass
+    class GlooUpdateInfo(UpdateInfo, WeightTransferUpdateInfo):
+        pass
+
+    class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo]):
+        """Receives full (checkpoint-format) tensors over gloo and loads them layer by layer."""
+        init_info_cls = GlooInitInfo
+        update_info_cls = GlooUpdateInfo
+
+        def __init__(self, config, vllm_config, device, model):
+            super().__init__(config, vllm_config, device, model)
+            self.group: WeightGroup | None = None
+            hf = self.model_config.hf_config
+            self.expected = checkpoint_names(self.model_config.model,
+                                             bool(getattr(hf, "tie_word_embeddings", False)))
+            self.received: set[str] = set()
+            self.unexpected: set[str] = set()
+            self.report: dict = {}
+
+        def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+            pc = self.parallel_config
+            rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
+            self.group = open_group(init_info.master_address, init_info.master_port, rank,
+                                    init_info.world_size, init_info.timeout_s)
+
+        def start_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+            self.received, self.unexpected, self.t0 = set(), set(), time.perf_counter()
+            initialize_layerwise_reload(self.model)
+
+        def update_weights(self, update_info: dict) -> None:
+            # the base class would also synchronize an accelerator; gloo on CPU is synchronous
+            self.receive_weights(self.parse_update_info(update_info))
+
+        def receive_weights(self, info: GlooUpdateInfo) -> None:
+            if self.group is None:
+                raise RuntimeError("rayalign_gloo: weight update before the group was set up "
+                                   "(init_weight_transfer_engine)")
+            for start, end in info.buckets:
+                dtypes, shapes = info.dtype_names[start:end], info.shapes[start:end]
+                offsets, size = bucket_layout(dtypes, shapes)
+                buffer = torch.empty(size, dtype=torch.uint8)  # fresh: vLLM may hold views of it
+                self.group.broadcast(buffer)
+                batch = []
+                for name, dtype, shape, off in zip(info.names[start:end], dtypes, shapes, offsets):
+                    if self.expected is not None and name not in self.expected:
+                        self.unexpected.add(name)  # loading it could fail mid-stream; report it
+                        continue
+                    n = _nbytes(dtype, shape)
+                    raw = buffer[off:off + n]
+                    batch.append((name, raw.view(getattr(torch, dtype)).view(shape)))
+                    self.received.add(name)
+                self.model.load_weights(batch)
+
+        def finish_weight_update(self) -> None:
+            from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+            finalize_layerwise_reload(self.model, self.model_config)
+            refresh_shared_layers(self.model)
+            missing = sorted(self.expected - self.received) if self.expected is not None else []
+            self.report = {"received": len(self.received), "missing": missing,
+                           "unexpected": sorted(self.unexpected),
+                           "checked": self.expected is not None,
+                           "seconds": time.perf_counter() - self.t0}
+
+        def shutdown(self) -> None:
+            self.group = None
+
+    return GlooInitInfo, GlooUpdateInfo, GlooWeightTransferEngine
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (``worker_extension_cls``); adds a sync report.
+
+    Naming this class makes vLLM import this module in its worker process, which registers
+    the ``rayalign_gloo`` engine there before the worker builds its transfer engine.
+    """
+
+    def rayalign_sync_report(self) -> dict:
+        engine = getattr(self, "weight_transfer_engine", None)
+        return dict(engine.report) if engine is not None else {}
+
+
+def register() -> None:
+    """Register ``rayalign_gloo`` in vLLM's factory (idempotent); needs vLLM installed."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+    if BACKEND not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(BACKEND, _engine_classes()[2])
+
+
+if "vllm" in sys.modules:
+    # inside a vLLM process (the rollout actor, vLLM's workers); trainers never import vLLM
+    register()

@@ -1,0 +1,259 @@
+"""Trainer => rollout-engine weight sync on CPU: the wire and the trainer side.
+
+Three parts, one per process that takes part in a sync:
+
+- **trainer side** (this module; trainer rank 0, and every rank under ZeRO-3):
+  :func:`open_group`, :func:`describe` and :func:`send_weights`, wrapped for actor classes by
+  :class:`WeightSender`.
+- **engine side** (``actors/vllm_weight_engine.py``, inside vLLM's worker process): the
+  ``rayalign_gloo`` engine registered in vLLM's ``WeightTransferEngineFactory``.
+- **driver side** (``orchestrator/weight_sync.py``): ``connect`` and ``sync_weights``.
+
+The wire: one gloo process group built directly from a ``TCPStore`` (trainer rank 0 is rank 0
+and hosts the store; engine ``e``'s worker ``w`` is rank ``1 + e * tp + w``). It never touches
+torch's default process group, which the trainer keeps for DeepSpeed. Parameters travel in
+buckets: several tensors are laid out byte by byte (64-byte aligned) in one flat buffer, one
+broadcast per bucket. Names, dtypes, shapes and the bucket plan travel as the metadata of
+vLLM's ``update_weights`` call, so both sides agree on the layout before any byte moves.
+
+The receiver checks completeness: every tensor of the checkpoint the engine started from must
+arrive in each sync. A skipped parameter would otherwise go unnoticed (vLLM keeps a layer's
+old weights when none of them arrive, and processes a half-loaded layer as if it were whole).
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+BACKEND = "rayalign_gloo"
+ALIGN = 64  # byte alignment of each tensor inside a bucket, so views of any dtype are legal
+DEFAULT_BUCKET_BYTES = 64 << 20
+
+
+class WeightSyncError(RuntimeError):
+    """A sync left an engine with weights that are not the trainer's; says which are off."""
+
+
+# ---- the wire: group, metadata, buckets ------------------------------------------------------
+def _own_address(peer: str, port: int) -> str:
+    """The local IP from which ``peer`` is reached (what gloo should listen on)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((peer, port))
+        return s.getsockname()[0]
+
+
+@dataclass
+class WeightGroup:
+    """A gloo process group outside torch's default group; ``store`` must outlive ``pg``."""
+    pg: dist.ProcessGroupGloo
+    store: dist.Store
+    rank: int
+    world_size: int
+
+    def broadcast(self, buffer: torch.Tensor) -> None:
+        self.pg.broadcast([buffer], dist.BroadcastOptions()).wait()
+
+
+def open_group(master_address: str, master_port: int, rank: int, world_size: int,
+               timeout_s: float = 300.0) -> WeightGroup:
+    """Join the trainer<->engines group; rank 0 hosts the TCP store. All ranks call it at once."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0,
+                          timeout=timeout, wait_for_workers=False)
+    store = dist.PrefixStore("rayalign/weights", store)
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = timeout
+    opts._devices = [dist.ProcessGroupGloo.create_device(
+        hostname=_own_address(master_address, master_port))]
+    pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
+    return WeightGroup(pg, store, rank, world_size)
+
+
+def _nbytes(dtype_name: str, shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def bucket_layout(dtype_names: list[str], shapes: list[list[int]]) -> tuple[list[int], int]:
+    """Byte offset of each tensor of one bucket, and the bucket's size."""
+    offsets, size = [], 0
+    for dtype_name, shape in zip(dtype_names, shapes):
+        offsets.append(size)
+        size += _aligned(_nbytes(dtype_name, shape))
+    return offsets, size
+
+
+def plan_buckets(sizes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """[start, end) ranges over the tensors, each at most ``bucket_bytes`` (or one tensor)."""
+    buckets, start, used = [], 0, 0
+    for i, n in enumerate(sizes):
+        n = _aligned(n)
+        if i > start and used + n > bucket_bytes:
+            buckets.append([start, i])
+            start, used = i, 0
+        used += n
+    if start < len(sizes):
+        buckets.append([start, len(sizes)])
+    return buckets
+
+
+@dataclass
+class UpdateInfo:
+    """What one sync carries, in order: parameter names, dtypes, shapes, and the bucket plan.
+
+    This is the payload of vLLM's ``update_weights``; :meth:`payload` gives the plain dict.
+    """
+    names: list[str]
+    dtype_names: list[str]
+    shapes: list[list[int]]
+    buckets: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not (len(self.names) == len(self.dtype_names) == len(self.shapes)):
+            raise ValueError(f"weight update: {len(self.names)} names, {len(self.dtype_names)} "
+                             f"dtypes and {len(self.shapes)} shapes; they must match")
+        covered = [i for s, e in self.buckets for i in range(s, e)]
+        if covered != list(range(len(self.names))):
+            raise ValueError("weight update: the buckets must cover every tensor once, in order")
+
+    def payload(self) -> dict:
+        return asdict(self)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(_nbytes(d, s) for d, s in zip(self.dtype_names, self.shapes))
+
+
+# ---- trainer side ----------------------------------------------------------------------------
+def full_shape(param: torch.Tensor) -> list[int]:
+    """A parameter's full shape, also when ZeRO-3 has partitioned it (``ds_shape``)."""
+    return list(getattr(param, "ds_shape", param.shape))
+
+
+def describe(module: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+             exclude: tuple[str, ...] = ()) -> UpdateInfo:
+    """The metadata of a sync of ``module``'s parameters; reads no parameter data.
+
+    ``exclude``: name prefixes left out (a partial sync, e.g. of frozen parts: the receiver
+    reports what it did not get).
+    """
+    names, dtypes, shapes = [], [], []
+    for name, p in module.named_parameters():
+        if name.startswith(tuple(exclude)):
+            continue
+        names.append(name)
+        dtypes.append(str(p.dtype).removeprefix("torch."))
+        shapes.append(full_shape(p))
+    sizes = [_nbytes(d, s) for d, s in zip(dtypes, shapes)]
+    return UpdateInfo(names, dtypes, shapes, plan_buckets(sizes, bucket_bytes))
+
+
+def full_parameters(module: torch.nn.Module, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) in ``named_parameters`` order.
+
+    Under ZeRO-3 each module's own parameters are gathered with DeepSpeed's
+    ``GatheredParameters`` just before they are yielded and released when the next module is
+    reached, so at most one module's worth (e.g. one attention projection) is whole at a time.
+    The gather is a collective: every trainer rank must iterate this, in step.
+    """
+    if not zero3:
+        for name, p in module.named_parameters():
+            yield name, p.detach()
+        return
+    import deepspeed
+    seen: set[int] = set()  # a tied parameter comes once, where named_parameters puts it
+    for prefix, sub in module.named_modules():
+        own = [(n, p) for n, p in sub.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        if not own:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
+            for name, p in own:
+                yield f"{prefix}.{name}" if prefix else name, p.detach()
+
+
+def send_weights(tensors: Iterable[tuple[str, torch.Tensor]], info: UpdateInfo,
+                 group: WeightGroup | None) -> dict:
+    """Copy ``tensors`` into bucket buffers and broadcast each bucket from rank 0.
+
+    ``tensors`` must yield ``info.names`` in order (checked); names not in ``info`` are passed
+    over. Each tensor is copied into its bucket before the next one is requested, so a
+    generator may free it then (as :func:`full_parameters` does under ZeRO-3). With
+    ``group=None`` (trainer ranks other than 0 under ZeRO-3) the tensors are only iterated, to
+    keep the gathers in step.
+    """
+    wanted = set(info.names)
+    t0, it = time.perf_counter(), ((n, t) for n, t in tensors if n in wanted)
+    for start, end in info.buckets:
+        offsets, size = bucket_layout(info.dtype_names[start:end], info.shapes[start:end])
+        buffer = torch.empty(size, dtype=torch.uint8) if group is not None else None
+        for i, offset in zip(range(start, end), offsets):
+            name, tensor = next(it, (None, None))
+            if name != info.names[i]:
+                raise WeightSyncError(f"weight send: expected parameter {info.names[i]!r} at "
+                                      f"position {i}, the trainer yielded {name!r}")
+            if list(tensor.shape) != info.shapes[i]:
+                raise WeightSyncError(f"weight send: {name} has shape {list(tensor.shape)}, "
+                                      f"the metadata says {info.shapes[i]}")
+            if buffer is not None:
+                raw = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
+                buffer[offset:offset + raw.numel()].copy_(raw)
+        if group is not None:
+            group.broadcast(buffer)
+    seconds = time.perf_counter() - t0
+    return {"tensors": len(info.names), "buckets": len(info.buckets),
+            "bytes": info.total_bytes, "seconds": seconds}
+
+
+class WeightSender:
+    """Trainer-actor methods for weight sync; a trainer class mixes this in.
+
+    The class provides ``weights_module()`` (the full-precision HF model, e.g.
+    ``self.engine.module``) and ``weights_zero3()`` (True under ZeRO-3), and has ``self.rank``.
+    The driver calls these on every trainer rank (dispatch ALL); only rank 0 talks to engines.
+    """
+    weight_group: WeightGroup | None = None
+
+    def weights_module(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def weights_zero3(self) -> bool:
+        return False
+
+    def weight_sync_address(self) -> tuple[str, int]:
+        from actors.runtime import node_address
+        return node_address()
+
+    def open_weight_sync(self, master_address: str, master_port: int, world_size: int,
+                         timeout_s: float = 300.0) -> None:
+        if self.rank == 0:
+            self.weight_group = open_group(master_address, master_port, 0, world_size, timeout_s)
+
+    def weight_update_info(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                           exclude: tuple[str, ...] = ()) -> dict:
+        return describe(self.weights_module(), bucket_bytes, tuple(exclude)).payload()
+
+    def send_weights(self, info: dict) -> dict:
+        info = UpdateInfo(**info)
+        with torch.no_grad():
+            stats = send_weights(full_parameters(self.weights_module(), self.weights_zero3()),
+                                 info, self.weight_group if self.rank == 0 else None)
+        if self.rank == 0:
+            log.info("sent %d tensors (%.1f MB) in %d buckets in %.2fs", stats["tensors"],
+                     stats["bytes"] / 1e6, stats["buckets"], stats["seconds"])
+        return stats

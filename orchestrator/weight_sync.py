@@ -1,0 +1,56 @@
+"""Driver side of trainer => engine weight sync: build the group, run a sync."""
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+
+from actors.weight_sync import DEFAULT_BUCKET_BYTES
+
+log = logging.getLogger(__name__)
+
+
+def connect(trainers, engines, timeout_s: float = 300.0) -> None:
+    """Build the trainer<->engines group: trainers and engines are ActorGroups (or lists of
+    actor handles) whose classes mix in :class:`WeightSender` / are ``RolloutEngine``."""
+    t_actors = getattr(trainers, "actors", trainers)
+    e_actors = getattr(engines, "actors", engines)
+    tp = ray.get([e.workers.remote() for e in e_actors])
+    world_size = 1 + sum(tp)
+    addr, port = ray.get(t_actors[0].weight_sync_address.remote())
+    offsets = [1 + sum(tp[:i]) for i in range(len(e_actors))]
+    refs = [e.init_weight_sync.remote(addr, port, off, world_size, timeout_s)
+            for e, off in zip(e_actors, offsets)]
+    refs += [t.open_weight_sync.remote(addr, port, world_size, timeout_s) for t in t_actors]
+    ray.get(refs)
+    log.info("weight sync group up: 1 trainer sender, %d engine workers", world_size - 1)
+
+
+def sync_weights(trainers, engines, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 exclude: tuple[str, ...] = ()) -> dict:
+    """One sync: every engine receives the trainer's parameters (all but ``exclude``d name
+    prefixes); raises :class:`WeightSyncError` if an engine lacks one afterwards."""
+    t_actors = getattr(trainers, "actors", trainers)
+    e_actors = getattr(engines, "actors", engines)
+    t0 = time.perf_counter()
+    info = ray.get(t_actors[0].weight_update_info.remote(bucket_bytes, tuple(exclude)))
+    receive = [e.update_weights.remote(info) for e in e_actors]
+    send = [t.send_weights.remote(info) for t in t_actors]
+    reports = []
+    for ref in receive:  # every engine's outcome, so that no failure goes unreported
+        try:
+            reports.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001  (re-raised below, after the other engines)
+            reports.append(e)
+    failed = [r for r in reports if isinstance(r, Exception)]
+    for extra in failed[1:]:
+        log.error("weight sync: %s", getattr(extra, "cause", extra))  # without Ray's traceback
+    if failed:
+        # the trainer has sent everything unless an engine broke off mid-stream; then its
+        # broadcast ends with the group's timeout
+        raise failed[0]
+    stats = ray.get(send)[0]
+    stats["seconds"] = time.perf_counter() - t0
+    stats["engines"] = reports
+    return stats
