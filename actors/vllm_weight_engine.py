@@ -8,6 +8,7 @@ bucket layout, metadata) is shared with the trainer side in ``actors/weight_sync
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from dataclasses import dataclass
@@ -118,11 +119,21 @@ def _engine_classes():
             if self.group is None:
                 raise RuntimeError("rayalign_gloo: weight update before the group was set up "
                                    "(init_weight_transfer_engine)")
-            for start, end in info.buckets:
+            def post(k: int):
+                """Start receiving bucket k into a fresh buffer (vLLM may keep views of it)."""
+                start, end = info.buckets[k]
+                _, size = bucket_layout(info.dtype_names[start:end], info.shapes[start:end])
+                buffer = torch.empty(size, dtype=torch.uint8)
+                return buffer, self.group.broadcast(buffer, wait=False)
+
+            pending = post(0) if info.buckets else None
+            for k, (start, end) in enumerate(info.buckets):
+                buffer, work = pending
+                work.wait()
+                # bucket k+1 arrives while bucket k is loaded
+                pending = post(k + 1) if k + 1 < len(info.buckets) else None
                 dtypes, shapes = info.dtype_names[start:end], info.shapes[start:end]
-                offsets, size = bucket_layout(dtypes, shapes)
-                buffer = torch.empty(size, dtype=torch.uint8)  # fresh: vLLM may hold views of it
-                self.group.broadcast(buffer)
+                offsets, _ = bucket_layout(dtypes, shapes)
                 batch = []
                 for name, dtype, shape, off in zip(info.names[start:end], dtypes, shapes, offsets):
                     if self.expected is not None and name not in self.expected:
@@ -136,7 +147,15 @@ def _engine_classes():
 
         def finish_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
-            finalize_layerwise_reload(self.model, self.model_config)
+            # layers that never get a tensor of their own (a tied LM head, the rotary cache)
+            # make vLLM warn on every sync; the completeness check below is ours
+            quiet = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+            level = quiet.level
+            quiet.setLevel(logging.ERROR)
+            try:
+                finalize_layerwise_reload(self.model, self.model_config)
+            finally:
+                quiet.setLevel(level)
             refresh_shared_layers(self.model)
             missing = sorted(self.expected - self.received) if self.expected is not None else []
             self.report = {"received": len(self.received), "missing": missing,

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 BACKEND = "rayalign_gloo"
 ALIGN = 64  # byte alignment of each tensor inside a bucket, so views of any dtype are legal
-DEFAULT_BUCKET_BYTES = 64 << 20
+DEFAULT_BUCKET_BYTES = 16 << 20
 
 
 class WeightSyncError(RuntimeError):
@@ -59,8 +59,23 @@ class WeightGroup:
     rank: int
     world_size: int
 
-    def broadcast(self, buffer: torch.Tensor) -> None:
-        self.pg.broadcast([buffer], dist.BroadcastOptions()).wait()
+    buffers: list = field(default_factory=list)  # the sender's two reusable bucket buffers
+
+    def broadcast(self, buffer: torch.Tensor, wait: bool = True):
+        """Broadcast from rank 0; with ``wait=False`` returns the work handle to wait on later."""
+        work = self.pg.broadcast([buffer], dist.BroadcastOptions())
+        if not wait:
+            return work
+        work.wait()
+        return None
+
+    def send_buffer(self, k: int, size: int) -> torch.Tensor:
+        """Buffer k % 2, grown to ``size`` bytes if needed (reused across buckets and syncs)."""
+        while len(self.buffers) < 2:
+            self.buffers.append(torch.empty(0, dtype=torch.uint8))
+        if self.buffers[k % 2].numel() < size:
+            self.buffers[k % 2] = torch.empty(size, dtype=torch.uint8)
+        return self.buffers[k % 2][:size]
 
 
 def open_group(master_address: str, master_port: int, rank: int, world_size: int,
@@ -199,9 +214,14 @@ def send_weights(tensors: Iterable[tuple[str, torch.Tensor]], info: UpdateInfo,
     """
     wanted = set(info.names)
     t0, it = time.perf_counter(), ((n, t) for n, t in tensors if n in wanted)
-    for start, end in info.buckets:
+    in_flight: list = [None, None]  # bucket k is packed while bucket k-1 is on the wire
+    for k, (start, end) in enumerate(info.buckets):
         offsets, size = bucket_layout(info.dtype_names[start:end], info.shapes[start:end])
-        buffer = torch.empty(size, dtype=torch.uint8) if group is not None else None
+        buffer = None
+        if group is not None:
+            if in_flight[k % 2] is not None:  # this buffer's previous bucket must be out first
+                in_flight[k % 2].wait()
+            buffer = group.send_buffer(k, size)
         for i, offset in zip(range(start, end), offsets):
             name, tensor = next(it, (None, None))
             if name != info.names[i]:
@@ -214,7 +234,10 @@ def send_weights(tensors: Iterable[tuple[str, torch.Tensor]], info: UpdateInfo,
                 raw = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
                 buffer[offset:offset + raw.numel()].copy_(raw)
         if group is not None:
-            group.broadcast(buffer)
+            in_flight[k % 2] = group.broadcast(buffer, wait=False)
+    for work in in_flight:
+        if work is not None:
+            work.wait()
     seconds = time.perf_counter() - t0
     return {"tensors": len(info.names), "buckets": len(info.buckets),
             "bytes": info.total_bytes, "seconds": seconds}

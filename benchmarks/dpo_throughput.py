@@ -46,18 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-# quiet, offline, deterministic-ish output; set before torch / transformers / ray are imported
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from bench_env import REPO  # noqa: E402,F401  (sets the environment first)
 
 log = logging.getLogger("dpo_throughput")
 

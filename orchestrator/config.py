@@ -96,7 +96,7 @@ class RolloutConfig(RoleConfig):
 
 @dataclass
 class WeightSyncConfig:
-    bucket_mb: float = param(64.0, "bytes per broadcast: parameters are packed into buckets of "
+    bucket_mb: float = param(16.0, "MiB per broadcast: parameters are packed into buckets of "
                                    "this size", gt=0)
     timeout_s: float = param(300.0, "how long a member of the trainer<->engines group waits "
                                     "for the others", gt=0)

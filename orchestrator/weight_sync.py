@@ -51,6 +51,7 @@ def sync_weights(trainers, engines, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         # broadcast ends with the group's timeout
         raise failed[0]
     stats = ray.get(send)[0]
-    stats["seconds"] = time.perf_counter() - t0
+    stats["send_seconds"] = stats.pop("seconds")  # the trainer's own packing + sending
+    stats["seconds"] = time.perf_counter() - t0  # the whole sync, as the driver saw it
     stats["engines"] = reports
     return stats

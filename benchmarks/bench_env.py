@@ -1,0 +1,17 @@
+"""Imported first by every benchmark: quiet, offline output and the repository on sys.path.
+
+The variables must be set before torch, transformers, Ray or vLLM are imported.
+"""
+import os
+import sys
+from pathlib import Path
+
+for key, value in {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+                   "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+                   "RAY_DEDUP_LOGS": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                   "VLLM_LOGGING_LEVEL": "WARNING", "DS_ACCELERATOR": "cpu"}.items():
+    os.environ.setdefault(key, value)
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
