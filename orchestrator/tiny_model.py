@@ -45,10 +45,9 @@ def build_tokenizer(vocab_size: int, extra_text: list[str] | None = None):
     return fast
 
 
-def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, max_positions: int = 1024):
-    """Write a random-init Llama and its tokenizer to ``out_dir``; returns the path."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(size: str, max_positions: int = 1024, **extra):
+    """(LlamaConfig, tokenizer) of a preset size; ``extra`` goes into the config."""
+    from transformers import LlamaConfig
 
     if size not in SIZES:
         raise ValueError(f"size {size!r}: choose one of {', '.join(SIZES)}")
@@ -57,10 +56,19 @@ def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, max_posi
     cfg = LlamaConfig(
         vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=inter,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        head_dim=hidden // heads, max_position_embeddings=max_positions, tie_word_embeddings=True,
+        head_dim=hidden // heads, max_position_embeddings=max_positions,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None, torch_dtype="float32",
+        bos_token_id=None, torch_dtype="float32", **extra,
     )
+    return cfg, tokenizer
+
+
+def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, max_positions: int = 1024):
+    """Write a random-init Llama and its tokenizer to ``out_dir``; returns the path."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg, tokenizer = llama_config(size, max_positions, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
