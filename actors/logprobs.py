@@ -104,8 +104,9 @@ def head_on_positions(model, keep: torch.Tensor):
         handle.remove()
 
 
-def token_logprobs(model, inputs: ModelInputs) -> torch.Tensor:
-    """Log-prob of each response token, flat in the order of ``inputs.keep``."""
+def token_logprobs(model, inputs: ModelInputs, entropy: bool = False):
+    """Log-prob of each response token, flat in the order of ``inputs.keep``; with ``entropy``,
+    also the entropy of the model's next-token distribution at each of those positions."""
     device = next(model.parameters()).device
     kwargs = dict(input_ids=inputs.input_ids.to(device), position_ids=inputs.position_ids.to(device),
                   use_cache=False)
@@ -115,7 +116,33 @@ def token_logprobs(model, inputs: ModelInputs) -> torch.Tensor:
         logits = model(**kwargs).logits[0].float()
     targets = inputs.targets.to(device)
     picked = logits.gather(-1, targets[:, None]).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    logz = torch.logsumexp(logits, dim=-1)
+    if not entropy:
+        return picked - logz
+    probs = torch.softmax(logits, dim=-1)
+    return picked - logz, logz - (probs * logits).sum(-1)
+
+
+def by_sequence(flat: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
+    """Reorder flat per-token values (``keep`` order) into sequence order, tokens in order.
+
+    Packing places sequences in rows by length, so ``keep`` is not in sequence order; each
+    sequence's tokens stay contiguous and ordered, so a stable sort by owner restores it.
+    """
+    return flat[torch.argsort(inputs.owner.to(flat.device), stable=True)]
+
+
+@torch.no_grad()
+def response_logprobs(model, seqs: list[Sequence], micro_batch: int, pack: bool,
+                      pad_id: int = 0) -> list[list[float]]:
+    """Per-token log-probs of each sequence's response tokens, without gradients."""
+    out = []
+    for start in range(0, len(seqs), micro_batch):
+        chunk = seqs[start:start + micro_batch]
+        inputs = build_inputs(chunk, pack, pad_id)
+        flat = by_sequence(token_logprobs(model, inputs), inputs)
+        out += [t.tolist() for t in flat.split([len(r) for _, r in chunk])]
+    return out
 
 
 def sequence_logprobs(model, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from actors.group import ALL, SCATTER, SHARDS, dispatch
-from actors.logprobs import build_inputs, pair_logprobs, pair_sequences, sequence_logprobs
+from actors.logprobs import (build_inputs, pair_logprobs, pair_sequences, response_logprobs,
+                             sequence_logprobs)
 from actors.weight_sync import WeightSender
 from actors.runtime import (load_causal_lm, load_tokenizer, node_address, set_dist_env, set_threads,
                             skip_shm_comm_op)
@@ -134,6 +135,19 @@ class PolicyTrainer(WeightSender):
         sums["train_seconds"] = time.perf_counter() - t0
         return sums
 
+    @dispatch(SHARDS)
+    def rl_step(self, batch) -> dict:
+        """One online-RL policy update over this replica's rows (see actors/rl_update.py)."""
+        from actors.rl_update import rl_update
+        return rl_update(self.engine, batch, self.cfg, self.pad_id)
+
+    @dispatch(SCATTER)
+    def token_logprobs(self, sequences) -> list[list[float]]:
+        """Per-token log-probs of each (prompt, response)'s response tokens."""
+        self.engine.eval()
+        return response_logprobs(self.engine, sequences, self.cfg.train.micro_batch_size,
+                                 self.cfg.train.pack, self.pad_id)
+
     # ---- evaluation -----------------------------------------------------------------------
     @dispatch(SCATTER)
     def logprobs(self, pairs) -> list[tuple[float, float]]:
@@ -175,6 +189,11 @@ class PolicyTrainer(WeightSender):
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"torch": torch.get_rng_state()}, rng_dir / f"rank{self.rank}.pt")
         self.save_hf(str(ckpt / "model"))
+
+    @dispatch(ALL)
+    def save_model(self, out_dir: str) -> None:
+        """Only the Hugging Face model dir (rank 0 writes; all ranks gather under ZeRO-3)."""
+        self.save_hf(out_dir)
 
     def save_hf(self, out_dir: str) -> None:
         """Hugging Face model dir (safetensors + tokenizer), gathered under ZeRO-3."""

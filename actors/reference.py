@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from actors.group import SCATTER, dispatch
-from actors.logprobs import pair_logprobs
+from actors.logprobs import pair_logprobs, response_logprobs
 from actors.runtime import load_causal_lm, load_tokenizer, set_threads
 
 
@@ -24,3 +24,9 @@ class Reference:
         """(chosen, rejected) summed response log-probs for each pair."""
         return pair_logprobs(self.model, pairs, self.cfg.train.micro_batch_size,
                              self.cfg.train.pack, self.pad_id)
+
+    @dispatch(SCATTER)
+    def token_logprobs(self, sequences) -> list[list[float]]:
+        """Per-token log-probs of each (prompt, response)'s response tokens."""
+        return response_logprobs(self.model, sequences, self.cfg.train.micro_batch_size,
+                                 self.cfg.train.pack, self.pad_id)

@@ -39,3 +39,44 @@ class PreferenceBatch:
 
     def micro_batches(self, size: int) -> list["PreferenceBatch"]:
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
+
+
+@dataclass
+class RolloutBatch:
+    """Sampled responses with what a policy update needs, one row per response.
+
+    sequences: (prompt ids, response ids) per row. Per-token tensors are [B, T] over response
+    tokens, right-padded, with ``mask`` [B, T] (1 on real tokens): advantages, old_logprobs
+    (trainer, before the update), ref_logprobs (reference), rollout_logprobs (the engine's
+    sampling log-probs).
+    """
+    sequences: list[tuple[list[int], list[int]]]
+    mask: torch.Tensor
+    advantages: torch.Tensor
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    rollout_logprobs: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def slice(self, start: int, end: int) -> "RolloutBatch":
+        return RolloutBatch(self.sequences[start:end], *(
+            t[start:end] for t in (self.mask, self.advantages, self.old_logprobs,
+                                   self.ref_logprobs, self.rollout_logprobs)))
+
+    def split(self, n: int) -> list["RolloutBatch"]:
+        size = len(self) // n
+        return [self.slice(i * size, (i + 1) * size) for i in range(n)]
+
+    def micro_batches(self, size: int) -> list["RolloutBatch"]:
+        return [self.slice(i, i + size) for i in range(0, len(self), size)]
+
+
+def pad_tokens(rows: list[list[float]], width: int | None = None) -> torch.Tensor:
+    """Right-pad per-token lists into a float tensor [len(rows), width]."""
+    width = width or max(len(r) for r in rows)
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out

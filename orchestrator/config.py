@@ -104,6 +104,43 @@ class WeightSyncConfig:
 
 
 @dataclass
+class RewardConfig(RoleConfig):
+    kind: str = param("function", "reward source: a sequence classifier, a Python function or "
+                                  "an HTTP endpoint", choices=("model", "function", "http"))
+    model_path: Optional[str] = param(None, "kind model: Hugging Face dir of a 1-label classifier")
+    function: Optional[str] = param(None, "kind function: module:function(prompt, response, **extra)")
+    url: Optional[str] = param(None, "kind http: endpoint taking {prompts, responses, extra}")
+    timeout_s: float = param(10.0, "kind http: seconds per attempt", gt=0)
+    retries: int = param(3, "kind http: attempts after the first", ge=0)
+    micro_batch: int = param(16, "model: sequences per forward; http: samples per request", ge=1)
+
+
+@dataclass
+class RLConfig:
+    prompts_per_step: int = param(16, "prompts sampled per step", ge=1)
+    group_size: int = param(8, "responses sampled per prompt", ge=1)
+    max_new_tokens: int = param(32, "tokens sampled per response at most", ge=1)
+    temperature: float = param(1.0, "sampling temperature", gt=0)
+    top_p: float = param(1.0, "nucleus sampling mass", gt=0, le=1)
+    top_k: int = param(0, "top-k cut; 0 is off", ge=0)
+    epochs: int = param(1, "passes over each rollout batch", ge=1)
+    eps_low: float = param(0.2, "ratio clip below 1", gt=0, lt=1)
+    eps_high: float = param(0.2, "ratio clip above 1", gt=0)
+    dual_clip: Optional[float] = param(None, "dual-clip bound c (> 1) for negative advantages", gt=1)
+    entropy_coef: float = param(0.0, "entropy bonus weight", ge=0)
+    kl_coef: float = param(0.0, "weight of the KL to the reference", ge=0)
+    kl_estimator: str = param("k3", "per-token KL estimator", choices=("k1", "k2", "k3"))
+    kl_mode: str = param("loss", "KL as a loss term or as a reward penalty",
+                         choices=("loss", "reward"))
+    aggregation: str = param("token_mean", "how token losses reduce",
+                             choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"))
+    gamma: float = param(1.0, "discount (REINFORCE++)", ge=0, le=1)
+    scale_by_std: bool = param(True, "GRPO: divide by the group's reward std")
+    tis_cap: Optional[float] = param(None, "cap of the truncated importance weight between the "
+                                           "engine's and the trainer's log-probs; none is off", gt=0)
+
+
+@dataclass
 class DPOConfig:
     loss: str = param("sigmoid", "preference loss: sigmoid (DPO), ipo, cdpo (label smoothing), hinge",
                       choices=("sigmoid", "ipo", "cdpo", "hinge"))
@@ -171,7 +208,8 @@ class LogConfig:
 class RunConfig:
     model: ModelConfig = param(help="the policy to train")
     data: DataConfig = param(help="datasets")
-    algorithm: str = param("dpo", "training method", choices=("dpo",))
+    algorithm: str = param("dpo", "training method: offline DPO, or online RL with a critic-free "
+                                  "estimator", choices=("dpo", "grpo", "rloo", "reinforce_pp"))
     run_dir: str = param("runs/default", "where checkpoints, metrics and logs go")
     policy: PolicyConfig = param(help="policy-trainer role", factory=PolicyConfig)
     reference: ReferenceConfig = param(help="frozen reference role", factory=ReferenceConfig)
@@ -179,7 +217,9 @@ class RunConfig:
                                    factory=RolloutConfig)
     weight_sync: WeightSyncConfig = param(help="trainer => engine weight sync",
                                           factory=WeightSyncConfig)
+    reward: RewardConfig = param(help="reward role (online RL)", factory=RewardConfig)
     dpo: DPOConfig = param(help="DPO loss", factory=DPOConfig)
+    rl: RLConfig = param(help="online RL: sampling, estimator, losses", factory=RLConfig)
     optim: OptimConfig = param(help="optimizer", factory=OptimConfig)
     train: TrainConfig = param(help="steps and batches", factory=TrainConfig)
     eval: EvalConfig = param(help="held-out evaluation", factory=EvalConfig)
@@ -218,6 +258,8 @@ class RunConfig:
     # ---- rules that span fields --------------------------------------------------------------
     def check(self) -> None:
         """Cross-field rules; raises ConfigError naming the keys involved."""
+        if self.online:
+            self._check_online()
         n = self.policy.actors
         if self.train.batch_size % n:
             raise ConfigError(f"train.batch_size: {self.train.batch_size} does not split evenly over "
@@ -226,12 +268,31 @@ class RunConfig:
         if per_actor % min(self.train.micro_batch_size, per_actor):
             raise ConfigError(f"train.micro_batch_size: {self.train.micro_batch_size} does not divide "
                               f"the {per_actor} pairs each policy replica gets per step")
+        if self.online:
+            return
         if self.dpo.loss == "cdpo" and self.dpo.label_smoothing == 0:
             raise ConfigError("dpo.label_smoothing: loss 'cdpo' needs a value in (0, 0.5)")
         if self.dpo.loss != "cdpo" and self.dpo.label_smoothing != 0:
             raise ConfigError(f"dpo.label_smoothing: only used by loss 'cdpo', not '{self.dpo.loss}'")
         if self.eval.reward_fn is not None and ":" not in self.eval.reward_fn:
             raise ConfigError(f"eval.reward_fn: {self.eval.reward_fn!r} must look like module:function")
+
+    @property
+    def online(self) -> bool:
+        return self.algorithm != "dpo"
+
+    def _check_online(self) -> None:
+        rl, rollout_size = self.rl, self.rl.prompts_per_step * self.rl.group_size
+        if self.algorithm in ("grpo", "rloo") and rl.group_size < 2:
+            raise ConfigError(f"rl.group_size: {self.algorithm} compares responses to one prompt; "
+                              f"use at least 2")
+        if rollout_size % self.train.batch_size:
+            raise ConfigError(f"train.batch_size: {self.train.batch_size} samples per optimizer step "
+                              f"must divide the {rollout_size} samples of a step "
+                              f"(rl.prompts_per_step x rl.group_size)")
+        need = {"model": "model_path", "function": "function", "http": "url"}[self.reward.kind]
+        if not getattr(self.reward, need):
+            raise ConfigError(f"reward.{need}: required when reward.kind is {self.reward.kind!r}")
 
     def check_paths(self) -> None:
         """Check that the files the run reads exist (done before any actor starts)."""

@@ -8,10 +8,11 @@ import ray
 from orchestrator.config import RunConfig
 from orchestrator.dpo_loop import TrainResult, run_dpo
 from orchestrator.evaluate import load_reward_fn
+from orchestrator.rl_loop import run_rl
 from orchestrator.roles import connect
 
 log = logging.getLogger(__name__)
-LOOPS = {"dpo": run_dpo}
+LOOPS = {"dpo": run_dpo, "grpo": run_rl, "rloo": run_rl, "reinforce_pp": run_rl}
 
 
 def train(cfg: RunConfig) -> TrainResult:

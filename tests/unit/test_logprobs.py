@@ -170,3 +170,20 @@ def test_pair_logprobs_chosen_rejected_in_order(model, pack, micro_batch):
         assert c == pytest.approx(ec, abs=1e-5)
         assert r == pytest.approx(er, abs=1e-5)
     assert isinstance(out[0], tuple) and isinstance(out[0][0], float)
+
+
+def test_response_logprobs_packed_rows_come_back_in_sequence_order(model):
+    # packing reorders sequences into rows by length; per-token results must not follow it
+    from actors.logprobs import response_logprobs
+    packed = response_logprobs(model, SEQS, micro_batch=8, pack=True)
+    padded = response_logprobs(model, SEQS, micro_batch=2, pack=False)
+    ref = []
+    with torch.no_grad():
+        for p, r in SEQS:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([p + r])).logits[0], -1)
+            full = p + r
+            ref.append([logp[t - 1, full[t]].item() for t in range(len(p), len(full))])
+    assert [len(x) for x in packed] == [len(r) for _, r in SEQS]
+    for a, b, c in zip(packed, padded, ref):
+        assert a == pytest.approx(c, abs=1e-5)
+        assert b == pytest.approx(c, abs=1e-5)

@@ -1,0 +1,179 @@
+"""The online RL loop (critic-free: GRPO, RLOO, REINFORCE++), one step:
+
+    prompts -> rollout.generate -> {reward.score, reference.logprobs, policy.logprobs}
+            -> advantages (driver) -> policy.rl_step -> policy => rollout weight sync
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from statistics import mean
+
+import ray
+import torch
+import yaml
+from tqdm import tqdm
+
+from actors.policy_trainer import PolicyTrainer
+from actors.reference import Reference
+from actors.reward import RewardSample, RewardScorer, RewardSettings
+from actors.runtime import load_tokenizer
+from orchestrator.advantages import compute_advantages, token_rewards
+from orchestrator.batches import RolloutBatch, pad_tokens
+from orchestrator.data import load_prompts
+from orchestrator.dpo_loop import TrainResult
+from orchestrator.evaluate import pad_to_multiple
+from orchestrator.kl import kl_per_token
+from orchestrator.metrics import MetricsLog, PhaseTimer
+from orchestrator.placement import RoleRequest, check_capacity
+from orchestrator.roles import start_group, start_rollout, stop_group
+from orchestrator.sampler import ResumableSampler
+from orchestrator.weight_sync import connect as connect_sync, sync_weights
+
+log = logging.getLogger(__name__)
+
+
+def reward_settings(cfg) -> RewardSettings:
+    r = cfg.reward
+    return RewardSettings(kind=r.kind, model_path=r.model_path, function=r.function, url=r.url,
+                          timeout_s=r.timeout_s, retries=r.retries, micro_batch=r.micro_batch,
+                          dtype=cfg.model.dtype, cpus=r.cpus, gpus=r.gpus)
+
+
+class RLRoles:
+    """Policy, reference, reward and rollout groups, and the weight-sync group between them."""
+
+    def __init__(self, cfg):
+        timeout = cfg.cluster.placement_timeout_s
+        check_capacity([RoleRequest(n, c.actors, c.cpus, c.gpus) for n, c in (
+            ("policy", cfg.policy), ("reference", cfg.reference), ("reward", cfg.reward),
+            ("rollout", cfg.rollout))])
+        self.groups = []
+        self.rollout = self._keep(start_rollout(cfg.model, cfg.rollout, timeout))
+        self.policy = self._keep(start_group("policy", PolicyTrainer, cfg.policy, timeout, (cfg,)))
+        self.reference = self._keep(start_group("reference", Reference, cfg.reference, timeout, (cfg,)))
+        self.reward = self._keep(start_group("reward", RewardScorer, cfg.reward, timeout,
+                                             (reward_settings(cfg),)))
+        addr, port = ray.get(self.policy.actors[0].address.remote())
+        self.policy.run("setup", addr, port)
+        ray.get([a.ready.remote() for g in (self.reference, self.reward) for a in g.actors])
+        connect_sync(self.policy, self.rollout, cfg.weight_sync.timeout_s)
+
+    def _keep(self, group):
+        self.groups.append(group)
+        return group
+
+    def shutdown(self) -> None:
+        for group in reversed(self.groups):
+            stop_group(group)
+
+
+def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor):
+    rl = cfg.rl
+    penalty = rl.kl_coef if rl.kl_mode == "reward" else 0.0
+    adv, _ = compute_advantages(
+        cfg.algorithm, rewards=rewards, mask=mask, group_size=rl.group_size,
+        token_rewards=token_rewards(rewards, mask, kl, penalty), gamma=rl.gamma,
+        scale_by_std=rl.scale_by_std)
+    return adv
+
+
+def _combine(parts: list[dict]) -> dict:
+    n = sum(p["samples"] for p in parts)
+    out = {k: sum(p[k] for p in parts) / n for k in parts[0]
+           if k not in ("samples", "grad_norm", "lr")}
+    out.update(grad_norm=parts[0]["grad_norm"], lr=parts[0]["lr"])
+    return out
+
+
+def run_rl(cfg) -> TrainResult:
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tokenizer = load_tokenizer(cfg.model.path)
+    limit = cfg.rollout.max_model_len - cfg.rl.max_new_tokens
+    prompts, report = load_prompts(cfg.data.train, tokenizer, limit, cfg.data.on_bad_row,
+                                   cfg.data.prompt_key)
+    held_out = (load_prompts(cfg.data.eval, tokenizer, limit, cfg.data.on_bad_row,
+                             cfg.data.prompt_key)[0][:cfg.eval.num_prompts] if cfg.data.eval else [])
+    roles = RLRoles(cfg)
+    try:
+        return _train(cfg, roles, tokenizer, prompts, held_out, [report.summary()])
+    finally:
+        roles.shutdown()
+
+
+def _train(cfg, roles, tokenizer, prompts, held_out, data_notes) -> TrainResult:
+    rl, run_dir = cfg.rl, Path(cfg.run_dir)
+    sampler = ResumableSampler(len(prompts), cfg.train.seed)
+    metrics = MetricsLog(run_dir, cfg.log.tensorboard)
+    timer = PhaseTimer()
+    sampling = dict(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
+                    max_new_tokens=rl.max_new_tokens)
+
+    def score(batch_prompts, samples) -> list[float]:
+        per = len(samples) // len(batch_prompts)
+        texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+        records = [RewardSample(batch_prompts[i // per].prompt_text, t,
+                                batch_prompts[i // per].extra, index=i) for i, t in enumerate(texts)]
+        return roles.reward.run("score", records)
+
+    def evaluate(step: int) -> dict:
+        if not held_out:
+            return {}
+        samples = roles.rollout.run("generate", [p.prompt_ids for p in held_out],
+                                    dict(sampling, n=1, seed=cfg.train.seed))
+        return {"eval/reward": mean(score(held_out, samples)),
+                "eval/response_tokens": mean(len(s.response_ids) for s in samples)}
+
+    before = evaluate(0)
+    metrics.log(0, before)
+    bar = tqdm(total=cfg.train.max_steps, desc=cfg.algorithm, unit="step",
+               disable=not cfg.log.progress_bar, dynamic_ncols=True)
+    for step in range(1, cfg.train.max_steps + 1):
+        t_step = time.perf_counter()
+        batch_prompts = [prompts[i] for i in sampler.next_batch(rl.prompts_per_step)]
+        with timer.phase("generate"):
+            samples = roles.rollout.run("generate", [p.prompt_ids for p in batch_prompts], sampling)
+        seqs = [(s.prompt_ids, s.response_ids) for s in samples]
+        with timer.phase("score"):  # reference and policy log-probs run while rewards are scored
+            ref_refs = roles.reference.submit("token_logprobs", seqs)
+            old_refs = roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
+            rewards = torch.tensor(score(batch_prompts, samples))
+            ref_lp = roles.reference.gather("token_logprobs", ref_refs)
+            old_lp = roles.policy.gather("token_logprobs", old_refs)[:len(seqs)]
+        with timer.phase("other"):
+            mask = pad_tokens([[1.0] * len(r) for _, r in seqs])
+            old, ref = pad_tokens(old_lp, mask.shape[1]), pad_tokens(ref_lp, mask.shape[1])
+            engine_lp = pad_tokens([s.logprobs for s in samples], mask.shape[1])
+            kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool())
+            batch = RolloutBatch(seqs, mask, _advantages(cfg, rewards, mask.bool(), kl), old, ref,
+                                 engine_lp)
+        with timer.phase("train"):
+            row = _combine(roles.policy.run("rl_step", batch.split(len(roles.policy))))
+        with timer.phase("sync"):
+            if step % cfg.weight_sync.every == 0:
+                sync_weights(roles.policy, roles.rollout, int(cfg.weight_sync.bucket_mb * (1 << 20)))
+        tokens = mask.sum().clamp(min=1)
+        gap = ((engine_lp - old).abs() * mask).sum() / tokens
+        row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                    "response/length": mask.sum(1).mean().item(), "logprob_gap": gap.item()})
+        row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
+            row.update(evaluate(step))
+        metrics.log(step, row)
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.4f}")
+    bar.close()
+    if cfg.train.max_steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
+        sync_weights(roles.policy, roles.rollout, int(cfg.weight_sync.bucket_mb * (1 << 20)))
+    after = evaluate(cfg.train.max_steps)
+    metrics.log(cfg.train.max_steps, {f"final/{k}": v for k, v in after.items()})
+    metrics.close()
+    model_dir = run_dir / "final" / "model"
+    roles.policy.run("save_model", str(model_dir))
+    result = TrainResult(run_dir, cfg.train.max_steps, model_dir.parent, model_dir, before, after,
+                         data_notes)
+    log.info("%s", result.summary())
+    return result
