@@ -19,12 +19,13 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-# The main job: a tiny DPO run on an embedded local Ray instance, CPU only.
+# The main job: a tiny DPO run, then a tiny GRPO run, on an embedded local Ray instance, CPU only.
 demo: $(STAMP)
 	test -f $(DEMO)/model/config.json || $(VENV)/bin/rayalign tiny-model $(DEMO)/model --size small
 	test -f $(DEMO)/data/train.jsonl || $(VENV)/bin/rayalign synthetic-data $(DEMO)/data \
 		--train 1000 --eval 128 --min-words 4 --max-words 16
 	$(VENV)/bin/rayalign train configs/dpo-tiny.yaml run_dir=$(DEMO)/dpo checkpoint.resume=never
+	$(VENV)/bin/rayalign train configs/grpo-tiny.yaml run_dir=$(DEMO)/grpo
 
 # Unit and end-to-end tests (CI runs this target).
 test: $(STAMP)
