@@ -1,0 +1,408 @@
+"""GRPO step time: rayalign's RL loop by phase, and against TRL's GRPOTrainer, one run.
+
+Builds (or reuses) a ``--size`` Llama (``orchestrator.tiny_model.build_model``, "tiny" by
+default) and the synthetic task's prompts (``orchestrator.synthetic.write_dataset``; the
+``prompt`` column of train.jsonl, ``steps * 8`` rows, so each system sees every prompt once)
+in ``--out``, then runs GRPO twice, one after the other in this process:
+
+* rayalign: ``orchestrator.train`` with an embedded local Ray (3 logical CPUs on the 2 cores),
+  set up like ``configs/grpo-tiny.yaml``: 1 policy actor (1 CPU, ZeRO-0), 1 reference actor
+  (0.5 CPU), 1 reward actor (0.5 CPU, ``orchestrator.synthetic:reward``), 1 vLLM rollout
+  engine (1 CPU, 0.25 GiB KV cache, max_model_len 256); weights synced to the engine after
+  every optimizer step.
+* TRL: ``trl.GRPOTrainer`` on CPU in this process with 2 torch threads, generation with
+  Hugging Face ``generate`` (no vLLM), the reference model a separate copy (beta > 0).
+
+Both: 8 prompts x 8 completions (64 samples) per optimizer step, at most 16 new tokens,
+temperature 1, no top-k/top-p cut, the same reward (``orchestrator.synthetic.reward`` on the
+decoded completion), the same chat template, group-normalised advantages (mean and std),
+ratio clip 0.2, KL to the reference as a loss term with coefficient 0.01 (k3), lr 2e-3
+constant, grad clip 1.0, float32, no gradient checkpointing, 2 micro-batches of 32 per step
+(one optimizer step per generation batch), one pass over each batch.
+
+Timing, with the first ``--warmup-steps`` steps left out on both sides:
+
+* rayalign: ``timing/*`` of each step row of ``run_dir/metrics.jsonl`` (driver wall time):
+  ``generate`` (rollout engine), ``score`` (reward scoring with the reference and policy
+  log-probs computed at the same time), ``train`` (policy update), ``sync`` (weights to the
+  engine), ``other`` (advantages and batch assembly on the driver) and ``step`` (all of it).
+  Orchestration = step - (generate + score + train + sync): the driver's own work (``other``,
+  sampling prompts, building the metrics row) and whatever the Ray calls add around the work
+  the actors time; target: at most 10% of step time.
+* TRL: ``on_step_begin`` to ``on_step_end`` of a ``TrainerCallback`` (generation, reward,
+  reference log-probs, forward/backward, optimizer step).
+
+samples/s = 64 / median step time.
+
+Run from the repository root (about 1.5 minutes on 2 cores, most of it rayalign's start-up)::
+
+    .venv/bin/python benchmarks/rl_step.py                  # tiny model, 15 steps, 2 warm-up
+    .venv/bin/python benchmarks/rl_step.py --size small --steps 20
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from bench_env import REPO  # noqa: E402,F401  (sets the environment first)
+
+log = logging.getLogger("rl_step")
+
+CORES = 2                        # the benchmark machine's cores; both systems get all of them
+PROMPTS_PER_STEP, GROUP_SIZE = 8, 8
+SAMPLES_PER_STEP = PROMPTS_PER_STEP * GROUP_SIZE
+MICRO_BATCH = 32                 # samples per forward/backward on both sides
+MAX_NEW_TOKENS = 16
+LR, KL_COEF = 2e-3, 0.01
+PHASES = ("generate", "score", "train", "sync")   # work; the rest of a step is orchestration
+ORCH_TARGET = 0.10
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", default="tiny", help="tiny_model size (tiny, small, base)")
+    p.add_argument("--steps", type=int, default=15, help="optimizer steps per system")
+    p.add_argument("--warmup-steps", type=int, default=2,
+                   help="first steps left out of the timing on both sides")
+    p.add_argument("--eval-prompts", type=int, default=16,
+                   help="held-out prompts for rayalign's eval/reward before and after")
+    p.add_argument("--out", default="runs/bench/rl", help="work dir: model, data, run dirs, results")
+    p.add_argument("--skip-trl", action="store_true", help="run rayalign only")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.eval_prompts < 1:
+        p.error("--steps and --eval-prompts must be at least 1")
+    if not 0 <= args.warmup_steps < args.steps:
+        p.error("--warmup-steps must be in [0, --steps)")
+    return args
+
+
+# ---- model and data ------------------------------------------------------------------------
+def prepare(args) -> tuple[Path, dict[str, Path], list[str], int]:
+    """Model dir (built once per size), data files, the train prompts, #params."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from orchestrator import synthetic
+    from orchestrator.tiny_model import build_model
+
+    out = Path(args.out)
+    model_dir = out / f"model-{args.size}"
+    if (model_dir / "config.json").is_file() and (model_dir / "tokenizer_config.json").is_file():
+        log.info("reusing the %s model in %s", args.size, model_dir)
+    else:
+        build_model(model_dir, args.size)
+    paths = synthetic.write_dataset(out / "data", n_train=args.steps * PROMPTS_PER_STEP,
+                                    n_eval=args.eval_prompts, seed=0)
+    prompts = [json.loads(line)["prompt"] for line in paths["train"].read_text().splitlines()
+               if line.strip()]
+    n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
+        AutoConfig.from_pretrained(model_dir)).parameters())
+    log.info("model %s (%.2fM parameters), %d train prompts (%d distinct), %d eval prompts",
+             args.size, n_params / 1e6, len(prompts), len(set(prompts)), args.eval_prompts)
+    return model_dir, paths, prompts, n_params
+
+
+def _med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# ---- rayalign --------------------------------------------------------------------------------
+def run_rayalign(args, model_dir: Path, paths: dict[str, Path]) -> dict:
+    from orchestrator import RunConfig, train
+
+    run_dir = Path(args.out) / "rayalign"
+    shutil.rmtree(run_dir, ignore_errors=True)   # a fresh run: no old metrics lines
+    cfg = RunConfig.from_dict({
+        "algorithm": "grpo",
+        "run_dir": str(run_dir),
+        "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
+        "data": {"train": str(paths["train"]), "eval": str(paths["eval"]), "max_length": 128},
+        "policy": {"actors": 1, "cpus": 1, "zero_stage": 0, "gradient_checkpointing": False},
+        "reference": {"actors": 1, "cpus": 0.5},
+        "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
+                   "function": "orchestrator.synthetic:reward"},
+        "rollout": {"actors": 1, "cpus": 1, "kv_cache_gib": 0.25, "max_model_len": 256},
+        "rl": {"prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
+               "max_new_tokens": MAX_NEW_TOKENS, "kl_coef": KL_COEF},
+        "optim": {"lr": LR, "warmup_steps": 0, "schedule": "constant", "grad_clip": 1.0},
+        "train": {"batch_size": SAMPLES_PER_STEP, "micro_batch_size": MICRO_BATCH,
+                  "max_steps": args.steps, "seed": 0},
+        "eval": {"num_prompts": args.eval_prompts},
+        "cluster": {"num_cpus": 3},
+        "log": {"progress_bar": False, "tensorboard": False},
+    })
+    log.info("rayalign: GRPO, %d steps; policy 1 x 1 CPU (ZeRO-0), reference 0.5, reward 0.5, "
+             "rollout 1 vLLM engine x 1 CPU; embedded Ray with 3 logical CPUs", args.steps)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    load_after = os.getloadavg()
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    steps = sorted((r for r in rows if "timing/step" in r), key=lambda r: r["step"])
+    if len(steps) != args.steps:
+        raise RuntimeError(f"rayalign: expected {args.steps} step rows in metrics.jsonl, "
+                           f"found {len(steps)}")
+    timed = [r for r in steps if r["step"] > args.warmup_steps]
+    step_s = [r["timing/step"] for r in timed]
+    orch_s = [r["timing/step"] - sum(r.get(f"timing/{k}", 0.0) for k in PHASES) for r in timed]
+    phase_keys = [k[len("timing/"):] for k in timed[0] if k.startswith("timing/") and k != "timing/step"]
+    phases = {k: {"median_s": _med([r.get(f"timing/{k}", 0.0) for r in timed]),
+                  "mean_s": statistics.mean(r.get(f"timing/{k}", 0.0) for r in timed)}
+              for k in phase_keys}
+    phases["orchestration"] = {"median_s": _med(orch_s), "mean_s": statistics.mean(orch_s)}
+    phases["step"] = {"median_s": _med(step_s), "mean_s": statistics.mean(step_s)}
+    out = {
+        "median_step_s": _med(step_s),
+        "samples_per_s": SAMPLES_PER_STEP / _med(step_s),
+        "samples_per_s_mean": SAMPLES_PER_STEP * len(step_s) / sum(step_s),
+        "phases": phases,
+        # share of the timed steps' total time; and the median of the per-step shares
+        "orchestration_share": sum(orch_s) / sum(step_s),
+        "orchestration_share_median": _med([o / s for o, s in zip(orch_s, step_s)]),
+        "step_s": [round(r["timing/step"], 4) for r in steps],
+        "reward_per_step": [round(r.get("reward/mean", float("nan")), 4) for r in steps],
+        "length_per_step": [round(r.get("response/length", float("nan")), 2) for r in steps],
+        "eval_reward_before": result.before.get("eval/reward"),
+        "eval_reward_after": result.after.get("eval/reward"),
+        "train_call_s": wall, "load_avg_before": load_before, "load_avg": load_after,
+    }
+    log.info("rayalign: median step %.3fs (%.1f samples/s), orchestration %.1f%% of step time; "
+             "train() %.1fs in all", out["median_step_s"], out["samples_per_s"],
+             100 * out["orchestration_share"], wall)
+    return out
+
+
+# ---- TRL -------------------------------------------------------------------------------------
+def synthetic_reward(prompts, completions, **kwargs) -> list[float]:
+    """orchestrator.synthetic.reward with TRL's reward-function signature (text or chat)."""
+    from orchestrator.synthetic import reward
+
+    def text(x):  # a conversational completion is a list of (assistant) messages
+        return x if isinstance(x, str) else "".join(m["content"] for m in x)
+
+    return [reward(p if isinstance(p, str) else p[-1]["content"], text(c))
+            for p, c in zip(prompts, completions)]
+
+
+def run_trl(args, model_dir: Path, prompts: list[str]) -> dict:
+    import datasets
+    import torch
+    import trl
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        PrinterCallback,
+        TrainerCallback,
+    )
+    from trl import GRPOConfig, GRPOTrainer
+
+    datasets.disable_progress_bars()
+    torch.set_num_threads(CORES)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.trainer = None
+            self.begin: dict[int, float] = {}
+            self.end: dict[int, float] = {}
+            self.reward: dict[int, float] = {}
+            self.length: dict[int, float] = {}
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.begin[state.global_step + 1] = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.end[state.global_step] = time.perf_counter()
+            # GRPOTrainer keeps one entry per generation batch until it logs (logging_steps is
+            # larger than the run, so that is at the end); read the newest one
+            metrics = getattr(self.trainer, "_metrics", {}).get("train", {})
+            if metrics.get("reward"):
+                self.reward[state.global_step] = metrics["reward"][-1]
+            if metrics.get("completions/mean_length"):
+                self.length[state.global_step] = metrics["completions/mean_length"][-1]
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    dataset = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}]}
+                                          for p in prompts])
+    run_dir = Path(args.out) / "trl"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    config = GRPOConfig(
+        output_dir=str(run_dir),
+        # TRL 1.x counts completions: 2 x 32 = one generation batch of 64 = 8 prompts x 8
+        per_device_train_batch_size=MICRO_BATCH,
+        gradient_accumulation_steps=SAMPLES_PER_STEP // MICRO_BATCH,
+        num_generations=GROUP_SIZE,
+        max_completion_length=MAX_NEW_TOKENS,
+        temperature=1.0, top_p=1.0, top_k=0,
+        beta=KL_COEF,
+        num_iterations=1,
+        epsilon=0.2,
+        scale_rewards="group",
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=args.steps,
+        use_vllm=False,
+        use_cpu=True,
+        # TRL's own defaults are bf16=True and gradient_checkpointing=True; rayalign trains in
+        # float32 without checkpointing
+        bf16=False,
+        gradient_checkpointing=False,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10**6,
+        log_completions=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        seed=0,
+    )
+    timer = StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=synthetic_reward, args=config,
+                          train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
+    timer.trainer = trainer
+    trainer.remove_callback(PrinterCallback)   # no log dicts on stdout
+    settings = {k: getattr(config, k) for k in (
+        "generation_batch_size", "steps_per_generation", "loss_type", "scale_rewards",
+        "optim", "disable_dropout", "mask_truncated_completions", "shuffle_dataset")}
+    log.info("TRL %s: %s; ref_model %s", trl.__version__,
+             ", ".join(f"{k}={v}" for k, v in settings.items()),
+             "separate copy" if getattr(trainer, "ref_model", None) is not None else "none")
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    load_after = os.getloadavg()
+
+    done = sorted(timer.end)
+    if len(done) != args.steps:
+        raise RuntimeError(f"TRL: expected {args.steps} steps, saw {len(done)}")
+    all_s = [timer.end[s] - timer.begin[s] for s in done]
+    step_s = [timer.end[s] - timer.begin[s] for s in done if s > args.warmup_steps]
+    out = {
+        "median_step_s": _med(step_s),
+        "mean_step_s": statistics.mean(step_s),
+        "samples_per_s": SAMPLES_PER_STEP / _med(step_s),
+        "samples_per_s_mean": SAMPLES_PER_STEP * len(step_s) / sum(step_s),
+        "step_s": [round(s, 4) for s in all_s],
+        "reward_per_step": [round(timer.reward[s], 4) if s in timer.reward else None for s in done],
+        "length_per_step": [round(timer.length[s], 2) if s in timer.length else None for s in done],
+        "train_call_s": wall, "load_avg_before": load_before, "load_avg": load_after,
+        "settings": {k: str(v) for k, v in settings.items()},
+    }
+    log.info("TRL: median step %.3fs (%.1f samples/s); train() %.1fs", out["median_step_s"],
+             out["samples_per_s"], wall)
+    return out
+
+
+# ---- report ----------------------------------------------------------------------------------
+def _fmt(x, spec=".3f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "n/a"
+
+
+def _ends(xs: list, k: int = 3) -> tuple:
+    """Mean of the first k and of the last k values (None skipped)."""
+    xs = [x for x in xs if isinstance(x, (int, float))]
+    if not xs:
+        return None, None
+    return statistics.mean(xs[:k]), statistics.mean(xs[-k:])
+
+
+def report(args, n_params: int, ray_res: dict, trl_res: dict | None) -> str:
+    import torch
+    import transformers
+    import trl
+
+    w = args.warmup_steps
+    lines = ["", (f"## GRPO step throughput, steps {w + 1}-{args.steps} (first {w} not timed), "
+                 f"{PROMPTS_PER_STEP} prompts x {GROUP_SIZE} completions per step"), "",
+             "| system | median step s | samples/s (median) | samples/s (mean) |",
+             "|---|---:|---:|---:|",
+             (f"| rayalign (Ray: vLLM rollout, policy ZeRO-0, reference, reward actors) | "
+             f"{ray_res['median_step_s']:.3f} | {ray_res['samples_per_s']:.1f} | "
+             f"{ray_res['samples_per_s_mean']:.1f} |")]
+    if trl_res is not None:
+        lines.append(f"| TRL GRPOTrainer {trl.__version__} (HF generate, in-process) | "
+                     f"{trl_res['median_step_s']:.3f} | {trl_res['samples_per_s']:.1f} | "
+                     f"{trl_res['samples_per_s_mean']:.1f} |")
+        ratio = ray_res["samples_per_s"] / trl_res["samples_per_s"]
+        lines += ["", (f"**ratio rayalign / TRL: {ratio:.2f}x** (target >= 1x; by mean step time "
+                      f"{ray_res['samples_per_s_mean'] / trl_res['samples_per_s_mean']:.2f}x)")]
+    ph = ray_res["phases"]
+    med_step = ph["step"]["median_s"]
+    mean_step = ph["step"]["mean_s"]
+    lines += ["", "### rayalign per phase (timed steps)", "",
+              "| phase | median ms | mean ms | share of mean step |", "|---|---:|---:|---:|"]
+    order = [k for k in PHASES if k in ph] + [k for k in ph if k not in PHASES
+                                               and k not in ("orchestration", "step")]
+    for k in order + ["orchestration", "step"]:
+        name = {"score": "score (reward + reference/policy log-probs)",
+                "other": "other (driver: advantages, batch; part of orchestration)",
+                "orchestration": "**orchestration** = step - (generate+score+train+sync)",
+                }.get(k, k)
+        lines.append(f"| {name} | {ph[k]['median_s'] * 1000:.0f} | {ph[k]['mean_s'] * 1000:.0f} | "
+                     f"{100 * ph[k]['mean_s'] / mean_step:.1f}% |")
+    share = ray_res["orchestration_share"]
+    lines += ["", (f"**orchestration share: {100 * share:.1f}%** of step time (sum over timed "
+                  f"steps; median of per-step shares {100 * ray_res['orchestration_share_median']:.1f}%;"
+                  f" target <= {100 * ORCH_TARGET:.0f}%: {'met' if share <= ORCH_TARGET else 'NOT met'})."
+                  f" Median step {med_step * 1000:.0f} ms.")]
+    rb, ra = ray_res["eval_reward_before"], ray_res["eval_reward_after"]
+    r0, r1 = _ends(ray_res["reward_per_step"])
+    lines += ["", "### reward", "", "| system | first 3 steps | last 3 steps | held-out before -> after |",
+              "|---|---:|---:|---:|",
+              f"| rayalign | {_fmt(r0)} | {_fmt(r1)} | {_fmt(rb)} -> {_fmt(ra)} |"]
+    if trl_res is not None:
+        t0, t1 = _ends(trl_res["reward_per_step"])
+        lines.append(f"| TRL | {_fmt(t0)} | {_fmt(t1)} | n/a |")
+    lines += ["", ("Training reward = mean reward of the step's 64 samples (rayalign "
+                  "`reward/mean`, TRL's logged `reward`); held-out = rayalign's `eval/reward`, "
+                  f"one sample for each of {args.eval_prompts} eval prompts.")]
+    loads = f"rayalign {ray_res['load_avg'][0]:.2f}"
+    if trl_res is not None:
+        loads += f", TRL {trl_res['load_avg'][0]:.2f}"
+    lines += ["", (f"Settings: model {args.size} Llama, {n_params / 1e6:.2f}M parameters, float32, "
+                  f"sdpa; {args.steps} steps, {w} warm-up; max {MAX_NEW_TOKENS} new tokens; lr {LR:g}"
+                  f" constant; KL coef {KL_COEF} (k3, in the loss); micro-batch {MICRO_BATCH}; torch "
+                  f"{torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}."),
+              "", f"1-minute load average after each side (2 cores): {loads}."]
+    if trl_res is not None:
+        lines += ["", "TRL settings: " + ", ".join(f"{k}={v}" for k, v in trl_res["settings"].items())]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+
+    model_dir, paths, prompts, n_params = prepare(args)
+    ray_res = run_rayalign(args, model_dir, paths)
+    trl_res = None if args.skip_trl else run_trl(args, model_dir, prompts)
+
+    print(report(args, n_params, ray_res, trl_res), flush=True)
+    results = {"args": vars(args), "model_params": n_params, "rayalign": ray_res, "trl": trl_res}
+    if trl_res is not None:
+        results["ratio"] = ray_res["samples_per_s"] / trl_res["samples_per_s"]
+    res_path = Path(args.out) / "results.json"
+    res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    log.info("results written to %s", res_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
