@@ -30,9 +30,10 @@ def rl_update(engine, batch: RolloutBatch, cfg, pad_id: int) -> dict:
             logp = logp.masked_scatter(mask, by_sequence(flat, inputs))
             entropy = torch.zeros(mask.shape, dtype=flat.dtype)
             entropy = entropy.masked_scatter(mask, by_sequence(ent_flat, inputs))
-            is_w = (truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, mask, rl.tis_cap)
+            old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()
+            is_w = (truncated_is_weights(old, mb.rollout_logprobs, mask, rl.tis_cap)
                     if rl.tis_cap else None)
-            loss, stats = policy_loss("ppo", logp, mb.old_logprobs, mb.advantages, mask,
+            loss, stats = policy_loss("ppo", logp, old, mb.advantages, mask,
                                       agg=rl.aggregation, eps_low=rl.eps_low, eps_high=rl.eps_high,
                                       dual_clip=rl.dual_clip, is_weights=is_w)
             if rl.kl_mode == "loss" and rl.kl_coef:
@@ -46,8 +47,10 @@ def rl_update(engine, batch: RolloutBatch, cfg, pad_id: int) -> dict:
             with torch.no_grad():
                 kl = kl_per_token(rl.kl_estimator, logp, mb.ref_logprobs, mask)
                 tokens = mask.sum().clamp(min=1)
+                # how far the engine's sampling log-probs are from the trainer's, same tokens
+                gap = ((mb.rollout_logprobs - old).abs() * mask).sum() / tokens
                 stats.update(loss=loss.item(), entropy=(entropy.sum() / tokens).item(),
-                             kl=(kl.sum() / tokens).item())
+                             kl=(kl.sum() / tokens).item(), logprob_gap=gap.item())
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             sums["samples"] += n

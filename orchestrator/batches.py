@@ -46,14 +46,15 @@ class RolloutBatch:
     """Sampled responses with what a policy update needs, one row per response.
 
     sequences: (prompt ids, response ids) per row. Per-token tensors are [B, T] over response
-    tokens, right-padded, with ``mask`` [B, T] (1 on real tokens): advantages, old_logprobs
-    (trainer, before the update), ref_logprobs (reference), rollout_logprobs (the engine's
-    sampling log-probs).
+    tokens, right-padded, with ``mask`` [B, T] (1 on real tokens): advantages, ref_logprobs
+    (reference), rollout_logprobs (the engine's sampling log-probs) and old_logprobs (the
+    trainer's, before the update; None when the update is exactly on-policy, i.e. one epoch
+    and one optimizer step per rollout, where they equal the update's own first forward).
     """
     sequences: list[tuple[list[int], list[int]]]
     mask: torch.Tensor
     advantages: torch.Tensor
-    old_logprobs: torch.Tensor
+    old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor
     rollout_logprobs: torch.Tensor
 
@@ -62,8 +63,9 @@ class RolloutBatch:
 
     def slice(self, start: int, end: int) -> "RolloutBatch":
         return RolloutBatch(self.sequences[start:end], *(
-            t[start:end] for t in (self.mask, self.advantages, self.old_logprobs,
-                                   self.ref_logprobs, self.rollout_logprobs)))
+            None if t is None else t[start:end]
+            for t in (self.mask, self.advantages, self.old_logprobs, self.ref_logprobs,
+                      self.rollout_logprobs)))
 
     def split(self, n: int) -> list["RolloutBatch"]:
         size = len(self) // n

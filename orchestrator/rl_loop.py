@@ -127,6 +127,11 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes) -> TrainResult:
         return {"eval/reward": mean(score(held_out, samples)),
                 "eval/response_tokens": mean(len(s.response_ids) for s in samples)}
 
+    # pre-update log-probs need their own forward pass unless the update is exactly on-policy
+    # (one epoch, one optimizer step per rollout) and no KL penalty enters the rewards
+    rollout_size = rl.prompts_per_step * rl.group_size
+    needs_old = not (rl.epochs == 1 and cfg.train.batch_size == rollout_size
+                     and (rl.kl_mode == "loss" or rl.kl_coef == 0))
     before = evaluate(0)
     metrics.log(0, before)
     bar = tqdm(total=cfg.train.max_steps, desc=cfg.algorithm, unit="step",
@@ -139,15 +144,18 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes) -> TrainResult:
         seqs = [(s.prompt_ids, s.response_ids) for s in samples]
         with timer.phase("score"):  # reference and policy log-probs run while rewards are scored
             ref_refs = roles.reference.submit("token_logprobs", seqs)
-            old_refs = roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
+            old_refs = (roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
+                        if needs_old else None)
             rewards = torch.tensor(score(batch_prompts, samples))
             ref_lp = roles.reference.gather("token_logprobs", ref_refs)
-            old_lp = roles.policy.gather("token_logprobs", old_refs)[:len(seqs)]
+            old_lp = roles.policy.gather("token_logprobs", old_refs)[:len(seqs)] if needs_old else None
         with timer.phase("other"):
             mask = pad_tokens([[1.0] * len(r) for _, r in seqs])
-            old, ref = pad_tokens(old_lp, mask.shape[1]), pad_tokens(ref_lp, mask.shape[1])
-            engine_lp = pad_tokens([s.logprobs for s in samples], mask.shape[1])
-            kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool())
+            width = mask.shape[1]
+            ref = pad_tokens(ref_lp, width)
+            old = pad_tokens(old_lp, width) if needs_old else None
+            engine_lp = pad_tokens([s.logprobs for s in samples], width)
+            kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if needs_old else None
             batch = RolloutBatch(seqs, mask, _advantages(cfg, rewards, mask.bool(), kl), old, ref,
                                  engine_lp)
         with timer.phase("train"):
@@ -155,10 +163,8 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes) -> TrainResult:
         with timer.phase("sync"):
             if step % cfg.weight_sync.every == 0:
                 sync_weights(roles.policy, roles.rollout, int(cfg.weight_sync.bucket_mb * (1 << 20)))
-        tokens = mask.sum().clamp(min=1)
-        gap = ((engine_lp - old).abs() * mask).sum() / tokens
         row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                    "response/length": mask.sum(1).mean().item(), "logprob_gap": gap.item()})
+                    "response/length": mask.sum(1).mean().item()})
         row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
             row.update(evaluate(step))
