@@ -76,6 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out prompts for rayalign's eval/reward before and after")
     p.add_argument("--out", default="runs/bench/rl", help="work dir: model, data, run dirs, results")
     p.add_argument("--skip-trl", action="store_true", help="run rayalign only")
+    p.add_argument("--policy-cpus", type=int, default=2,
+                   help="rayalign policy CPUs (torch threads); the engine and the trainer take "
+                        "turns, so each may use both cores")
     args = p.parse_args(argv)
     if args.steps < 1 or args.eval_prompts < 1:
         p.error("--steps and --eval-prompts must be at least 1")
@@ -124,7 +127,7 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path]) -> dict:
         "run_dir": str(run_dir),
         "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
         "data": {"train": str(paths["train"]), "eval": str(paths["eval"]), "max_length": 128},
-        "policy": {"actors": 1, "cpus": 1, "zero_stage": 0, "gradient_checkpointing": False},
+        "policy": {"actors": 1, "cpus": args.policy_cpus, "zero_stage": 0, "gradient_checkpointing": False},
         "reference": {"actors": 1, "cpus": 0.5},
         "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
                    "function": "orchestrator.synthetic:reward"},
@@ -135,7 +138,7 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path]) -> dict:
         "train": {"batch_size": SAMPLES_PER_STEP, "micro_batch_size": MICRO_BATCH,
                   "max_steps": args.steps, "seed": 0},
         "eval": {"num_prompts": args.eval_prompts},
-        "cluster": {"num_cpus": 3},
+        "cluster": {"num_cpus": 2 + args.policy_cpus},
         "log": {"progress_bar": False, "tensorboard": False},
     })
     log.info("rayalign: GRPO, %d steps; policy 1 x 1 CPU (ZeRO-0), reference 0.5, reward 0.5, "
