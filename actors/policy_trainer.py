@@ -190,11 +190,6 @@ class PolicyTrainer(WeightSender):
         torch.save({"torch": torch.get_rng_state()}, rng_dir / f"rank{self.rank}.pt")
         self.save_hf(str(ckpt / "model"))
 
-    @dispatch(ALL)
-    def save_model(self, out_dir: str) -> None:
-        """Only the Hugging Face model dir (rank 0 writes; all ranks gather under ZeRO-3)."""
-        self.save_hf(out_dir)
-
     def save_hf(self, out_dir: str) -> None:
         """Hugging Face model dir (safetensors + tokenizer), gathered under ZeRO-3."""
         import deepspeed

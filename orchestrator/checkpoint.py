@@ -70,3 +70,35 @@ def read_driver_state(ckpt: Path) -> dict:
     if not (ckpt / MARKER).is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {MARKER} marker)")
     return json.loads((ckpt / DRIVER_STATE).read_text())
+
+
+def resume_dir(spec: str, ckpts: CheckpointManager) -> Path | None:
+    """Where ``checkpoint.resume`` says to continue from: 'never', 'auto' (newest complete
+    checkpoint of the run) or a checkpoint dir."""
+    from orchestrator.schema import ConfigError
+    if spec == "never":
+        return None
+    if spec == "auto":
+        return ckpts.latest()
+    path = Path(spec)
+    if not (path / MARKER).is_file():
+        raise ConfigError(f"checkpoint.resume: {path} is not a complete checkpoint dir")
+    return path
+
+
+def save_run(ckpts: CheckpointManager, policy, step: int, sampler, before: dict) -> Path:
+    """Everything a run needs to continue: the policy group's state (model, optimizer,
+    scheduler, RNG, HF model dir) and the driver's (step, sampler position, first eval)."""
+    tmp = ckpts.begin(step)
+    policy.run("save", str(tmp))
+    return ckpts.commit(tmp, step, {"step": step, "sampler": sampler.state_dict(),
+                                    "before": before})
+
+
+def restore_run(ckpt: Path, policy, sampler) -> tuple[int, dict | None]:
+    """Load a checkpoint written by :func:`save_run`; returns (step, first eval)."""
+    state = read_driver_state(ckpt)
+    policy.run("load", str(ckpt))
+    sampler.load_state_dict(state["sampler"])
+    log.info("resumed from %s at step %d", ckpt, state["step"])
+    return state["step"], state.get("before")

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from actors.runtime import load_tokenizer
 from orchestrator.batches import PreferenceBatch
-from orchestrator.checkpoint import CheckpointManager, read_driver_state
+from orchestrator.checkpoint import CheckpointManager, restore_run, resume_dir, save_run
 from orchestrator.data import load_preferences
 from orchestrator.evaluate import load_reward_fn, preference_accuracy, sampled_reward
 from orchestrator.metrics import MetricsLog, PhaseTimer
@@ -76,18 +76,6 @@ def check_model_fits(cfg, data: DPOData) -> None:
                           f"has {model_cfg.vocab_size} entries; use the tokenizer saved with the model")
 
 
-def _resume_dir(cfg, ckpts: CheckpointManager) -> Path | None:
-    spec = cfg.checkpoint.resume
-    if spec == "never":
-        return None
-    if spec == "auto":
-        return ckpts.latest()
-    path = Path(spec)
-    if not (path / "COMPLETE").is_file():
-        raise ConfigError(f"checkpoint.resume: {path} is not a complete checkpoint dir")
-    return path
-
-
 def _combine(parts: list[dict]) -> dict:
     """Add up the replicas' sums and turn them into per-pair means."""
     total = {k: sum(p[k] for p in parts) for k in parts[0]}
@@ -108,7 +96,7 @@ def run_dpo(cfg) -> TrainResult:
     check_model_fits(cfg, data)
     ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep)
     ckpts.clear_partial()
-    resume = _resume_dir(cfg, ckpts)
+    resume = resume_dir(cfg.checkpoint.resume, ckpts)
 
     roles = start_dpo_roles(cfg)
     try:
@@ -141,11 +129,7 @@ def _train(cfg, roles, data, tokenizer, reward_fn, ckpts, resume) -> TrainResult
     sampler = ResumableSampler(len(data.train), cfg.train.seed)
     step, before = 0, None
     if resume is not None:
-        state = read_driver_state(resume)
-        policy.run("load", str(resume))
-        sampler.load_state_dict(state["sampler"])
-        step, before = state["step"], state.get("before")
-        log.info("resumed from %s at step %d", resume, step)
+        step, before = restore_run(resume, policy, sampler)
     metrics = MetricsLog(run_dir, cfg.log.tensorboard, resume_step=step)
     if before is None:
         before = evaluate(0)
@@ -153,10 +137,7 @@ def _train(cfg, roles, data, tokenizer, reward_fn, ckpts, resume) -> TrainResult
     timer = PhaseTimer()
 
     def save(step: int) -> Path:
-        tmp = ckpts.begin(step)
-        policy.run("save", str(tmp))
-        return ckpts.commit(tmp, step, {"step": step, "sampler": sampler.state_dict(),
-                                        "before": before})
+        return save_run(ckpts, policy, step, sampler, before)
 
     last_ckpt, row = None, {}
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="dpo", unit="step",

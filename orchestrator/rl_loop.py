@@ -21,6 +21,7 @@ from actors.reward import RewardSample, RewardScorer, RewardSettings
 from actors.runtime import load_tokenizer
 from orchestrator.advantages import compute_advantages, token_rewards
 from orchestrator.batches import RolloutBatch, pad_tokens
+from orchestrator.checkpoint import CheckpointManager, restore_run, resume_dir, save_run
 from orchestrator.data import load_prompts
 from orchestrator.dpo_loop import TrainResult
 from orchestrator.evaluate import pad_to_multiple
@@ -97,17 +98,25 @@ def run_rl(cfg) -> TrainResult:
                                    cfg.data.prompt_key)
     held_out = (load_prompts(cfg.data.eval, tokenizer, limit, cfg.data.on_bad_row,
                              cfg.data.prompt_key)[0][:cfg.eval.num_prompts] if cfg.data.eval else [])
+    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep)
+    ckpts.clear_partial()
+    resume = resume_dir(cfg.checkpoint.resume, ckpts)
     roles = RLRoles(cfg)
     try:
-        return _train(cfg, roles, tokenizer, prompts, held_out, [report.summary()])
+        return _train(cfg, roles, tokenizer, prompts, held_out, [report.summary()], ckpts, resume)
     finally:
         roles.shutdown()
 
 
-def _train(cfg, roles, tokenizer, prompts, held_out, data_notes) -> TrainResult:
+def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) -> TrainResult:
     rl, run_dir = cfg.rl, Path(cfg.run_dir)
+    bucket_bytes = int(cfg.weight_sync.bucket_mb * (1 << 20))
     sampler = ResumableSampler(len(prompts), cfg.train.seed)
-    metrics = MetricsLog(run_dir, cfg.log.tensorboard)
+    start, before = 0, None
+    if resume is not None:
+        start, before = restore_run(resume, roles.policy, sampler)
+        sync_weights(roles.policy, roles.rollout, bucket_bytes)  # engines start from the model dir
+    metrics = MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start)
     timer = PhaseTimer()
     sampling = dict(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                     max_new_tokens=rl.max_new_tokens)
@@ -132,15 +141,18 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes) -> TrainResult:
     rollout_size = rl.prompts_per_step * rl.group_size
     needs_old = not (rl.epochs == 1 and cfg.train.batch_size == rollout_size
                      and (rl.kl_mode == "loss" or rl.kl_coef == 0))
-    before = evaluate(0)
-    metrics.log(0, before)
-    bar = tqdm(total=cfg.train.max_steps, desc=cfg.algorithm, unit="step",
+    if before is None:
+        before = evaluate(0)
+        metrics.log(0, before)
+    last_ckpt = None
+    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.algorithm, unit="step",
                disable=not cfg.log.progress_bar, dynamic_ncols=True)
-    for step in range(1, cfg.train.max_steps + 1):
+    for step in range(start + 1, cfg.train.max_steps + 1):
         t_step = time.perf_counter()
         batch_prompts = [prompts[i] for i in sampler.next_batch(rl.prompts_per_step)]
-        with timer.phase("generate"):
-            samples = roles.rollout.run("generate", [p.prompt_ids for p in batch_prompts], sampling)
+        with timer.phase("generate"):  # seeded per step, so a resumed run samples the same
+            samples = roles.rollout.run("generate", [p.prompt_ids for p in batch_prompts],
+                                        dict(sampling, seed=cfg.train.seed + 100_003 * step))
         seqs = [(s.prompt_ids, s.response_ids) for s in samples]
         with timer.phase("score"):  # reference and policy log-probs run while rewards are scored
             ref_refs = roles.reference.submit("token_logprobs", seqs)
@@ -162,7 +174,8 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes) -> TrainResult:
             row = _combine(roles.policy.run("rl_step", batch.split(len(roles.policy))))
         with timer.phase("sync"):
             if step % cfg.weight_sync.every == 0:
-                sync_weights(roles.policy, roles.rollout, int(cfg.weight_sync.bucket_mb * (1 << 20)))
+                sync_weights(roles.policy, roles.rollout, bucket_bytes)
+        row["batch/rows"] = [p.row for p in batch_prompts]  # which prompt rows this step used
         row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                     "response/length": mask.sum(1).mean().item()})
         row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
@@ -171,15 +184,18 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes) -> TrainResult:
         metrics.log(step, row)
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.4f}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+            last_ckpt = save_run(ckpts, roles.policy, step, sampler, before)
     bar.close()
-    if cfg.train.max_steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
-        sync_weights(roles.policy, roles.rollout, int(cfg.weight_sync.bucket_mb * (1 << 20)))
-    after = evaluate(cfg.train.max_steps)
-    metrics.log(cfg.train.max_steps, {f"final/{k}": v for k, v in after.items()})
+    steps = cfg.train.max_steps
+    if steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
+        sync_weights(roles.policy, roles.rollout, bucket_bytes)
+    after = evaluate(steps)
+    metrics.log(steps, {f"final/{k}": v for k, v in after.items()})
     metrics.close()
-    model_dir = run_dir / "final" / "model"
-    roles.policy.run("save_model", str(model_dir))
-    result = TrainResult(run_dir, cfg.train.max_steps, model_dir.parent, model_dir, before, after,
-                         data_notes)
+    if last_ckpt is None or not last_ckpt.name.endswith(f"{steps:07d}"):
+        last_ckpt = save_run(ckpts, roles.policy, steps, sampler, before)
+    result = TrainResult(run_dir, steps, last_ckpt, last_ckpt / "model", before, after, data_notes,
+                         resume)
     log.info("%s", result.summary())
     return result
