@@ -15,3 +15,12 @@ for key, value in {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+
+def setup_logging() -> None:
+    """Progress lines on stdout with times; third-party chatter only from warnings up."""
+    import logging
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -46,7 +46,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_env import REPO  # noqa: E402,F401  (sets the environment first)
+from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
 
 log = logging.getLogger("dpo_throughput")
 
@@ -394,10 +394,7 @@ def _fmt(x) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     model_dir, train_path, rows, n_params = prepare(args)

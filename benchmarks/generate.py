@@ -46,7 +46,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_env import REPO  # noqa: E402,F401  (sets the environment first)
+from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
 
 log = logging.getLogger("generate_bench")
 
@@ -271,10 +271,7 @@ def report(args, n_params: int, prompts, ro: dict, hf: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for name in ("httpx", "filelock", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    setup_logging()
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from orchestrator.tiny_model import build_model

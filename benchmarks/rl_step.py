@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_env import REPO  # noqa: E402,F401  (sets the environment first)
+from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
 
 log = logging.getLogger("rl_step")
 
@@ -387,10 +387,7 @@ def report(args, n_params: int, ray_res: dict, trl_res: dict | None) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     model_dir, paths, prompts, n_params = prepare(args)

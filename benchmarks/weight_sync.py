@@ -47,7 +47,7 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_env import REPO  # noqa: E402,F401  (sets the environment first)
+from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
 
 import torch
 
@@ -463,10 +463,7 @@ def report(args, res: dict) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    for name in ("httpx", "filelock", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    setup_logging()
     log.info("load average %s; pytest processes running: %s", os.getloadavg(),
              _pytest_count())
     res = run(args)
