@@ -53,7 +53,7 @@ class Sampling:
     top_k: int = 0                       # 0: no top-k cut
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
-    seed: int | None = None              # prompt j of this engine's share is sampled with seed + j
+    seed: int | None = None              # sample k of prompt j (this engine's share): seed + j*n + k
     ignore_eos: bool = False             # keep sampling past EOS (benchmarks: fixed lengths)
 
     @classmethod
@@ -141,20 +141,27 @@ class RolloutEngine:
         from vllm.inputs import TokensPrompt
         sp = Sampling.from_dict(sampling)
         prompts, skipped = self._fit_prompts([list(p) for p in prompts])
-        params = [SamplingParams(
-            n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-            max_tokens=sp.max_new_tokens, stop=list(sp.stop), logprobs=0, ignore_eos=sp.ignore_eos,
-            seed=None if sp.seed is None else sp.seed + i) for i in range(len(prompts))]
-        todo = [i for i in range(len(prompts)) if i not in skipped]
-        outputs = dict(zip(todo, self.llm.generate(
-            [TokensPrompt(prompt_token_ids=prompts[i]) for i in todo], [params[i] for i in todo],
-            use_tqdm=False))) if todo else {}
+        # with a seed, each of the n samples is its own request with its own seed: vLLM would
+        # give the n children of one seeded request the same random stream
+        copies = sp.n if sp.seed is not None else 1
+
+        def params(i: int, k: int) -> SamplingParams:
+            return SamplingParams(
+                n=sp.n // copies, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                max_tokens=sp.max_new_tokens, stop=list(sp.stop), logprobs=0,
+                ignore_eos=sp.ignore_eos, seed=None if sp.seed is None else sp.seed + i * copies + k)
+        todo = [(i, k) for i in range(len(prompts)) if i not in skipped for k in range(copies)]
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i, _ in todo],
+                                    [params(i, k) for i, k in todo], use_tqdm=False) if todo else []
+        outputs: dict[int, list] = {}
+        for (i, _), out in zip(todo, results):
+            outputs.setdefault(i, []).extend(out.outputs)
         samples = []
         for i, prompt in enumerate(prompts):
             if i in skipped:  # kept in place so results still line up with the prompts
                 samples += [RolloutSample(prompt, [], [], "skipped") for _ in range(sp.n)]
                 continue
-            for c in outputs[i].outputs:
+            for c in outputs[i]:
                 ids = list(c.token_ids)
                 lps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
                 samples.append(RolloutSample(prompt, ids, lps, c.finish_reason or "length"))
