@@ -6,7 +6,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from tqdm import tqdm
 
 from actors.runtime import load_tokenizer
@@ -88,8 +87,6 @@ def _combine(parts: list[dict]) -> dict:
 
 def run_dpo(cfg) -> TrainResult:
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     reward_fn = load_reward_fn(cfg.eval.reward_fn)
     tokenizer = load_tokenizer(cfg.model.path)
     data = DPOData(cfg, tokenizer)

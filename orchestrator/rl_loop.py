@@ -12,7 +12,6 @@ from statistics import mean
 
 import ray
 import torch
-import yaml
 from tqdm import tqdm
 
 from actors.policy_trainer import PolicyTrainer
@@ -90,8 +89,6 @@ def _combine(parts: list[dict]) -> dict:
 
 def run_rl(cfg) -> TrainResult:
     run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     tokenizer = load_tokenizer(cfg.model.path)
     limit = cfg.rollout.max_model_len - cfg.rl.max_new_tokens
     prompts, report = load_prompts(cfg.data.train, tokenizer, limit, cfg.data.on_bad_row,

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import ray
+import yaml
 
 from orchestrator.config import RunConfig
 from orchestrator.dpo_loop import TrainResult, run_dpo
@@ -16,10 +18,14 @@ LOOPS = {"dpo": run_dpo, "grpo": run_rl, "rloo": run_rl, "reinforce_pp": run_rl}
 
 
 def train(cfg: RunConfig) -> TrainResult:
-    """Validate files, join or start Ray, run the loop, leave Ray as it was found."""
+    """Validate files, write the run dir's config.yaml, join or start Ray, run the loop, leave
+    Ray as it was found."""
     cfg.check()
     cfg.check_paths()
     load_reward_fn(cfg.eval.reward_fn)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     started = connect(cfg.cluster)
     try:
         return LOOPS[cfg.algorithm](cfg)
