@@ -6,8 +6,6 @@ the driver hands out; no DeepSpeed launcher is involved.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
 from pathlib import Path
 
@@ -16,54 +14,17 @@ import torch
 from actors.group import ALL, SCATTER, SHARDS, dispatch
 from actors.logprobs import (build_inputs, pair_logprobs, pair_sequences, response_logprobs,
                              sequence_logprobs)
+from actors.deepspeed_actor import DeepSpeedActor
+from actors.runtime import load_causal_lm, load_tokenizer
 from actors.weight_sync import WeightSender
-from actors.runtime import (load_causal_lm, load_tokenizer, node_address, set_dist_env, set_threads,
-                            skip_shm_comm_op)
 from orchestrator.batches import PreferenceBatch
 from orchestrator.dpo_losses import preference_loss
 
 log = logging.getLogger(__name__)
 
 
-def lr_lambda(warmup: int, total: int, schedule: str):
-    """Multiplier of the peak lr at a step: linear warm-up, then constant/linear/cosine decay."""
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-    return f
-
-
-def deepspeed_config(cfg) -> dict:
-    per_actor = cfg.per_actor_batch
-    micro = min(cfg.train.micro_batch_size, per_actor)
-    return {
-        "train_batch_size": cfg.train.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": per_actor // micro,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.policy.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.model.dtype == "float16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-class PolicyTrainer(WeightSender):
-    def __init__(self, rank: int, world_size: int, cfg):
-        self.rank, self.world_size, self.cfg = rank, world_size, cfg
-        set_threads(cfg.policy.cpus)
-        self.engine = None
-
-    def address(self) -> tuple[str, int]:
-        return node_address()
+class PolicyTrainer(DeepSpeedActor, WeightSender):
+    role = "policy"
 
     def weights_module(self):
         """The HF model whose parameters go to the rollout engines."""
@@ -75,31 +36,15 @@ class PolicyTrainer(WeightSender):
     @dispatch(ALL)
     def setup(self, master_addr: str, master_port: int) -> int:
         """Join the trainers' process group, load the model, build DeepSpeed. Returns #params."""
-        import deepspeed
         cfg = self.cfg
-        set_dist_env(master_addr, master_port, self.rank, self.world_size)
-        backend = "nccl" if torch.cuda.is_available() and cfg.policy.gpus > 0 else "gloo"
-        if backend == "gloo":
-            skip_shm_comm_op()
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   rank=self.rank, world_size=self.world_size)
+        self.join_world(master_addr, master_port)
         torch.manual_seed(cfg.train.seed)
         model = load_causal_lm(cfg.model, trainable=True)
         if cfg.policy.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.pad_id = self.tokenizer.pad_token_id or 0
-        o = cfg.optim
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.eps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(o.warmup_steps, cfg.train.max_steps, o.schedule))
-        self.engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(cfg))
+        self.build_engine(model, cfg.optim.lr)
         return sum(p.numel() for p in model.parameters())
 
     # ---- training -------------------------------------------------------------------------
@@ -119,18 +64,13 @@ class PolicyTrainer(WeightSender):
                 cfg.dpo.loss, logps[:n], logps[n:], mb.ref_chosen, mb.ref_rejected, cfg.dpo.beta,
                 cfg.dpo.label_smoothing, cfg.dpo.nll_weight, counts[:n])
             engine.backward(loss)
-            if cfg.policy.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
-                # DeepSpeed reports no global grad norm without ZeRO; take it before the step
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                own_norm = torch.nn.utils.get_total_norm(grads).item()
-            engine.step()
+            self.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             sums["loss"] += loss.item() * n
             sums["pairs"] += n
             sums["tokens"] += sum(len(p) + len(r) for p, r in pair_sequences(mb.pairs))
-        grad_norm = engine.get_global_grad_norm() if cfg.policy.zero_stage else own_norm
-        sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        sums["grad_norm"] = self.grad_norm()
         sums["lr"] = engine.get_lr()[0]
         sums["train_seconds"] = time.perf_counter() - t0
         return sums
@@ -139,7 +79,7 @@ class PolicyTrainer(WeightSender):
     def rl_step(self, batch) -> dict:
         """One online-RL policy update over this replica's rows (see actors/rl_update.py)."""
         from actors.rl_update import rl_update
-        return rl_update(self.engine, batch, self.cfg, self.pad_id)
+        return rl_update(self, batch, self.cfg, self.pad_id)
 
     @dispatch(SCATTER)
     def token_logprobs(self, sequences) -> list[list[float]]:
@@ -181,42 +121,21 @@ class PolicyTrainer(WeightSender):
 
     # ---- checkpoints ----------------------------------------------------------------------
     @dispatch(ALL)
-    def save(self, ckpt_dir: str) -> None:
+    def save(self, ckpt_dir: str, remote=None) -> None:
         """DeepSpeed state (model, optimizer, scheduler) + this rank's RNG + an HF model dir."""
-        ckpt = Path(ckpt_dir)
-        self.engine.save_checkpoint(str(ckpt / "deepspeed"), tag="state", save_latest=False)
-        rng_dir = ckpt / "rng"
-        rng_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"torch": torch.get_rng_state()}, rng_dir / f"rank{self.rank}.pt")
-        self.save_hf(str(ckpt / "model"))
+        self.save_state(Path(ckpt_dir))
+        self.save_hf(str(Path(ckpt_dir) / "model"))
+        self.publish(ckpt_dir, remote)
 
     def save_hf(self, out_dir: str) -> None:
         """Hugging Face model dir (safetensors + tokenizer), gathered under ZeRO-3."""
-        import deepspeed
-        model = self.engine.module
-        if self.cfg.policy.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()} \
-                    if self.rank == 0 else None
-        else:
-            state = model.state_dict() if self.rank == 0 else None
+        state = self.gathered_state_dict()
         if self.rank == 0:
-            model.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
             self.tokenizer.save_pretrained(out_dir)
         torch.distributed.barrier()
 
     @dispatch(ALL)
-    def load(self, ckpt_dir: str) -> None:
-        ckpt = Path(ckpt_dir)
-        path, _ = self.engine.load_checkpoint(str(ckpt / "deepspeed"), tag="state",
-                                              load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"policy rank {self.rank}: no DeepSpeed state in {ckpt}/deepspeed")
-        rng_file = ckpt / "rng" / f"rank{self.rank}.pt"
-        if rng_file.is_file():
-            torch.set_rng_state(torch.load(rng_file)["torch"])
-
-    @dispatch(ALL)
-    def pid(self) -> int:
-        return os.getpid()
+    def load(self, ckpt_dir: str, remote=None) -> None:
+        self.fetch(ckpt_dir, remote)
+        self.load_state(Path(ckpt_dir))

@@ -16,9 +16,9 @@ from orchestrator.kl import kl_per_token
 from orchestrator.rl_losses import entropy_loss, kl_loss, policy_loss, truncated_is_weights
 
 
-def rl_update(engine, batch: RolloutBatch, cfg, pad_id: int) -> dict:
+def rl_update(trainer, batch: RolloutBatch, cfg, pad_id: int) -> dict:
     """Sums of per-sample statistics over this replica's rows (the driver averages them)."""
-    rl, micro = cfg.rl, min(cfg.train.micro_batch_size, len(batch))
+    rl, micro, engine = cfg.rl, min(cfg.train.micro_batch_size, len(batch)), trainer.engine
     sums = {"samples": 0.0}
     engine.train()
     for _ in range(rl.epochs):
@@ -42,7 +42,7 @@ def rl_update(engine, batch: RolloutBatch, cfg, pad_id: int) -> dict:
             if rl.entropy_coef:
                 loss = loss + entropy_loss(entropy, mask, rl.entropy_coef, rl.aggregation)
             engine.backward(loss)
-            engine.step()
+            trainer.step()
             n = len(mb)
             with torch.no_grad():
                 kl = kl_per_token(rl.kl_estimator, logp, mb.ref_logprobs, mask)
@@ -54,7 +54,6 @@ def rl_update(engine, batch: RolloutBatch, cfg, pad_id: int) -> dict:
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v * n
             sums["samples"] += n
-    grad_norm = engine.get_global_grad_norm()
-    sums["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    sums["grad_norm"] = trainer.grad_norm()
     sums["lr"] = engine.get_lr()[0]
     return sums

@@ -50,6 +50,7 @@ class RolloutBatch:
     (reference), rollout_logprobs (the engine's sampling log-probs) and old_logprobs (the
     trainer's, before the update; None when the update is exactly on-policy, i.e. one epoch
     and one optimizer step per rollout, where they equal the update's own first forward).
+    PPO adds the critic's values at sampling time and the GAE returns (its targets).
     """
     sequences: list[tuple[list[int], list[int]]]
     mask: torch.Tensor
@@ -57,6 +58,8 @@ class RolloutBatch:
     old_logprobs: torch.Tensor | None
     ref_logprobs: torch.Tensor
     rollout_logprobs: torch.Tensor
+    values: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -65,7 +68,7 @@ class RolloutBatch:
         return RolloutBatch(self.sequences[start:end], *(
             None if t is None else t[start:end]
             for t in (self.mask, self.advantages, self.old_logprobs, self.ref_logprobs,
-                      self.rollout_logprobs)))
+                      self.rollout_logprobs, self.values, self.returns)))
 
     def split(self, n: int) -> list["RolloutBatch"]:
         size = len(self) // n

@@ -68,9 +68,23 @@ class PolicyConfig(RoleConfig):
 
 
 @dataclass
+class CriticConfig(PolicyConfig):
+    model_path: Optional[str] = param(None, "starting weights of the value model: a causal LM or a "
+                                            "1-label reward model dir; none: the policy's model.path")
+    lr: float = param(1e-5, "critic's peak learning rate (schedule and AdamW settings from optim)",
+                      gt=0, le=1)
+    colocate_with: Optional[str] = param(None, "share the policy's placement bundles (same nodes "
+                                               "and devices) instead of a placement group of its own",
+                                         choices=("policy",))
+
+
+@dataclass
 class ReferenceConfig(RoleConfig):
     precompute: bool = param(True, "score the whole dataset once before training "
                                    "instead of every batch")
+    colocate_with: Optional[str] = param(None, "share the policy's placement bundles (same nodes "
+                                               "and devices) instead of a placement group of its own",
+                                         choices=("policy",))
 
 
 @dataclass
@@ -113,6 +127,9 @@ class RewardConfig(RoleConfig):
     timeout_s: float = param(10.0, "kind http: seconds per attempt", gt=0)
     retries: int = param(3, "kind http: attempts after the first", ge=0)
     micro_batch: int = param(16, "model: sequences per forward; http: samples per request", ge=1)
+    colocate_with: Optional[str] = param(None, "share the placement bundles (same nodes and "
+                                               "devices) of the critic (PPO) or the policy",
+                                         choices=("critic", "policy"))
 
 
 @dataclass
@@ -134,7 +151,11 @@ class RLConfig:
                          choices=("loss", "reward"))
     aggregation: str = param("token_mean", "how token losses reduce",
                              choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"))
-    gamma: float = param(1.0, "discount (REINFORCE++)", ge=0, le=1)
+    gamma: float = param(1.0, "discount (PPO's GAE, REINFORCE++)", ge=0, le=1)
+    lam: float = param(0.95, "PPO: GAE lambda", ge=0, le=1)
+    whiten: bool = param(True, "PPO: whiten GAE advantages over the batch")
+    value_clip: Optional[float] = param(0.2, "PPO: clip of the value update around the rollout's "
+                                             "values; none is off", gt=0)
     scale_by_std: bool = param(True, "GRPO: divide by the group's reward std")
     tis_cap: Optional[float] = param(None, "cap of the truncated importance weight between the "
                                            "engine's and the trainer's log-probs; none is off", gt=0)
@@ -195,6 +216,11 @@ class ClusterConfig:
     num_cpus: Optional[float] = param(None, "logical CPUs of the embedded local Ray; none: all cores",
                                       gt=0)
     placement_timeout_s: float = param(30.0, "how long to wait for a role's placement", gt=0)
+    autoscaler: str = param("auto", "may an autoscaler add nodes when the roles do not fit? auto: "
+                                    "ask the cluster; present: wait for nodes; absent: fail at once",
+                            choices=("auto", "present", "absent"))
+    capacity_timeout_s: float = param(600.0, "with an autoscaler: how long to wait for it to add "
+                                             "the nodes the roles need", gt=0)
 
 
 @dataclass
@@ -208,9 +234,12 @@ class LogConfig:
 class RunConfig:
     model: ModelConfig = param(help="the policy to train")
     data: DataConfig = param(help="datasets")
-    algorithm: str = param("dpo", "training method: offline DPO, or online RL with a critic-free "
-                                  "estimator", choices=("dpo", "grpo", "rloo", "reinforce_pp"))
-    run_dir: str = param("runs/default", "where checkpoints, metrics and logs go")
+    algorithm: str = param("dpo", "training method: offline DPO, online PPO with a critic, or "
+                                  "online critic-free RL",
+                           choices=("dpo", "ppo", "grpo", "rloo", "reinforce_pp"))
+    run_dir: str = param("runs/default", "where checkpoints, metrics and logs go: a local path "
+                                         "(shared by all nodes on a cluster) or a URI that pyarrow "
+                                         "opens (s3://, gs://, hdfs://, abfs://), staged locally")
     policy: PolicyConfig = param(help="policy-trainer role", factory=PolicyConfig)
     reference: ReferenceConfig = param(help="frozen reference role", factory=ReferenceConfig)
     rollout: RolloutConfig = param(help="vLLM rollout engines (online methods, generation)",
@@ -218,6 +247,7 @@ class RunConfig:
     weight_sync: WeightSyncConfig = param(help="trainer => engine weight sync",
                                           factory=WeightSyncConfig)
     reward: RewardConfig = param(help="reward role (online RL)", factory=RewardConfig)
+    critic: CriticConfig = param(help="value model (PPO)", factory=CriticConfig)
     dpo: DPOConfig = param(help="DPO loss", factory=DPOConfig)
     rl: RLConfig = param(help="online RL: sampling, estimator, losses", factory=RLConfig)
     optim: OptimConfig = param(help="optimizer", factory=OptimConfig)
@@ -260,14 +290,16 @@ class RunConfig:
         """Cross-field rules; raises ConfigError naming the keys involved."""
         if self.online:
             self._check_online()
-        n = self.policy.actors
-        if self.train.batch_size % n:
-            raise ConfigError(f"train.batch_size: {self.train.batch_size} does not split evenly over "
-                              f"policy.actors={n}; use a multiple of {n}")
-        per_actor = self.train.batch_size // n
-        if per_actor % min(self.train.micro_batch_size, per_actor):
-            raise ConfigError(f"train.micro_batch_size: {self.train.micro_batch_size} does not divide "
-                              f"the {per_actor} pairs each policy replica gets per step")
+        self._check_colocation()
+        for role in ("policy", "critic") if self.uses_critic else ("policy",):
+            n = getattr(self, role).actors
+            if self.train.batch_size % n:
+                raise ConfigError(f"train.batch_size: {self.train.batch_size} does not split evenly "
+                                  f"over {role}.actors={n}; use a multiple of {n}")
+            per_actor = self.train.batch_size // n
+            if per_actor % min(self.train.micro_batch_size, per_actor):
+                raise ConfigError(f"train.micro_batch_size: {self.train.micro_batch_size} does not "
+                                  f"divide the {per_actor} samples each {role} replica gets per step")
         if self.online:
             return
         if self.dpo.loss == "cdpo" and self.dpo.label_smoothing == 0:
@@ -280,6 +312,35 @@ class RunConfig:
     @property
     def online(self) -> bool:
         return self.algorithm != "dpo"
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.algorithm == "ppo"
+
+    def roles(self) -> list[str]:
+        """The config sections of the roles this run starts, in start order."""
+        if not self.online:
+            return ["policy", "reference"]
+        return ["rollout", "policy", *(["critic"] if self.uses_critic else []), "reference",
+                "reward"]
+
+    def _check_colocation(self) -> None:
+        roles = self.roles()
+        for guest in roles:
+            host = getattr(getattr(self, guest), "colocate_with", None)
+            if host is None:
+                continue
+            if host not in roles:
+                raise ConfigError(f"{guest}.colocate_with: {host!r} is not a role of algorithm "
+                                  f"{self.algorithm!r} (its roles: {', '.join(roles)})")
+            if getattr(getattr(self, host), "colocate_with", None):
+                raise ConfigError(f"{guest}.colocate_with: {host} is itself colocated; name the "
+                                  f"role that {host} shares with")
+            if getattr(self, guest).actors != getattr(self, host).actors:
+                raise ConfigError(f"{guest}.actors: colocated with {host}, replica i shares "
+                                  f"{host} replica i's bundle, so both need the same count "
+                                  f"({getattr(self, guest).actors} vs {host}.actors="
+                                  f"{getattr(self, host).actors})")
 
     def _check_online(self) -> None:
         rl, rollout_size = self.rl, self.rl.prompts_per_step * self.rl.group_size
@@ -303,6 +364,10 @@ class RunConfig:
                                    or self.model.path.count("/") > 1):
             raise ConfigError(f"model.path: {model} not found; create one with "
                               f"`rayalign tiny-model {model}`")
+        critic = self.critic.model_path
+        if self.uses_critic and critic and not (Path(critic) / "config.json").is_file():
+            raise ConfigError(f"critic.model_path: {critic} is not a Hugging Face model dir "
+                              f"(no config.json)")
         for key in ("train", "eval"):
             value = getattr(self.data, key)
             if value is not None and not Path(value).is_file():

@@ -13,10 +13,11 @@ from orchestrator.batches import PreferenceBatch
 from orchestrator.checkpoint import CheckpointManager, restore_run, resume_dir, save_run
 from orchestrator.data import load_preferences
 from orchestrator.evaluate import load_reward_fn, preference_accuracy, sampled_reward
-from orchestrator.metrics import MetricsLog, PhaseTimer
+from orchestrator.metrics import MetricsLog, PhaseTimer, combine_replicas
 from orchestrator.roles import start_dpo_roles
 from orchestrator.sampler import ResumableSampler
 from orchestrator.schema import ConfigError
+from orchestrator.storage import RunStorage
 
 log = logging.getLogger(__name__)
 
@@ -75,23 +76,14 @@ def check_model_fits(cfg, data: DPOData) -> None:
                           f"has {model_cfg.vocab_size} entries; use the tokenizer saved with the model")
 
 
-def _combine(parts: list[dict]) -> dict:
-    """Add up the replicas' sums and turn them into per-pair means."""
-    total = {k: sum(p[k] for p in parts) for k in parts[0]}
-    n = total.pop("pairs")
-    out = {k: v / n for k, v in total.items()
-           if k not in ("tokens", "grad_norm", "lr", "train_seconds")}
-    out.update(grad_norm=parts[0]["grad_norm"], lr=parts[0]["lr"], pairs=n, tokens=total["tokens"])
-    return out
-
-
-def run_dpo(cfg) -> TrainResult:
-    run_dir = Path(cfg.run_dir)
+def run_dpo(cfg, storage: RunStorage | None = None) -> TrainResult:
+    storage = storage or RunStorage(cfg.run_dir)
+    run_dir = storage.local_dir
     reward_fn = load_reward_fn(cfg.eval.reward_fn)
     tokenizer = load_tokenizer(cfg.model.path)
     data = DPOData(cfg, tokenizer)
     check_model_fits(cfg, data)
-    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep)
+    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, storage)
     ckpts.clear_partial()
     resume = resume_dir(cfg.checkpoint.resume, ckpts)
 
@@ -103,7 +95,7 @@ def run_dpo(cfg) -> TrainResult:
 
 
 def _train(cfg, roles, data, tokenizer, reward_fn, ckpts, resume) -> TrainResult:
-    run_dir, policy = Path(cfg.run_dir), roles.policy
+    run_dir, policy = ckpts.storage.local_dir, roles.policy
     if cfg.reference.precompute:
         t0 = time.perf_counter()
         data.ref_train = roles.reference.run("logprobs", data.train)
@@ -126,15 +118,18 @@ def _train(cfg, roles, data, tokenizer, reward_fn, ckpts, resume) -> TrainResult
     sampler = ResumableSampler(len(data.train), cfg.train.seed)
     step, before = 0, None
     if resume is not None:
-        step, before = restore_run(resume, policy, sampler)
-    metrics = MetricsLog(run_dir, cfg.log.tensorboard, resume_step=step)
+        step, before = restore_run(resume, [policy], sampler, ckpts)
+    metrics = MetricsLog(run_dir, cfg.log.tensorboard, resume_step=step,
+                         storage=ckpts.storage)
     if before is None:
         before = evaluate(0)
         metrics.log(0, before)
     timer = PhaseTimer()
 
     def save(step: int) -> Path:
-        return save_run(ckpts, policy, step, sampler, before)
+        ckpt = save_run(ckpts, [policy], step, sampler, before)
+        metrics.sync()
+        return ckpt
 
     last_ckpt, row = None, {}
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="dpo", unit="step",
@@ -149,7 +144,9 @@ def _train(cfg, roles, data, tokenizer, reward_fn, ckpts, resume) -> TrainResult
                    else roles.reference.run("logprobs", pairs))
         with timer.phase("train"):
             batch = PreferenceBatch.build(pairs, ref)
-            row = _combine(policy.run("train_step", batch.split(len(policy))))
+            row = combine_replicas(policy.run("train_step", batch.split(len(policy))), "pairs",
+                                   same=("grad_norm", "lr"), totals=("tokens", "train_seconds"))
+            del row["train_seconds"]
         step += 1
         elapsed = time.perf_counter() - t_step
         row["batch/rows"] = [p.row for p in pairs]  # which file rows this step trained on

@@ -9,9 +9,17 @@ from pathlib import Path
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, tensorboard: bool, resume_step: int = 0):
-        """A fresh run (``resume_step`` 0) starts the file anew; a resumed one keeps its past."""
+    def __init__(self, run_dir: str | Path, tensorboard: bool, resume_step: int = 0,
+                 storage=None):
+        """A fresh run (``resume_step`` 0) starts the file anew; a resumed one keeps its past.
+        With a remote ``storage`` (orchestrator/storage.py) the files are fetched on resume and
+        uploaded by :meth:`sync`."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.storage = storage if storage is not None and storage.remote else None
+        if self.storage and resume_step > 0:
+            for name in ("metrics.jsonl", "tensorboard"):
+                if self.storage.exists(name):
+                    self.storage.download(name)
         self._truncate_after(resume_step)
         self.tb = None
         if tensorboard:
@@ -40,9 +48,20 @@ class MetricsLog:
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
 
+    def sync(self) -> None:
+        """Push what is written so far to the run's URI (nothing to do for a local run dir)."""
+        if self.tb is not None:
+            self.tb.flush()
+        if self.storage:
+            for name in ("metrics.jsonl", "tensorboard"):
+                if (self.path.parent / name).exists():
+                    self.storage.upload(name)
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+            self.tb = None
+        self.sync()
 
 
 class PhaseTimer:
@@ -63,3 +82,14 @@ class PhaseTimer:
         out = {f"timing/{k}": v for k, v in self.seconds.items()}
         self.seconds = {}
         return out
+
+
+def combine_replicas(parts: list[dict], count: str, same: tuple = (), totals: tuple = ()) -> dict:
+    """Join the per-replica sums a group call returned: keys in ``same`` hold one value for
+    the whole group (read from replica 0), keys in ``totals`` are summed, every other key is
+    summed and divided by the summed ``count`` (a per-sample mean); ``count`` keeps its sum."""
+    totals = (*totals, count)
+    n = sum(p[count] for p in parts)
+    out = {k: sum(p[k] for p in parts) / n for k in parts[0] if k not in same and k not in totals}
+    out.update({k: parts[0][k] for k in same}, **{k: sum(p[k] for p in parts) for k in totals})
+    return out

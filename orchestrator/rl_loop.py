@@ -1,22 +1,23 @@
-"""The online RL loop (critic-free: GRPO, RLOO, REINFORCE++), one step:
+"""The online RL loop (PPO with a critic; critic-free GRPO, RLOO, REINFORCE++), one step:
 
-    prompts -> rollout.generate -> {reward.score, reference.logprobs, policy.logprobs}
-            -> advantages (driver) -> policy.rl_step -> policy => rollout weight sync
+    prompts -> rollout.generate -> {reward.score, reference.logprobs, policy.logprobs,
+                                    critic.values}
+            -> advantages (driver) -> {policy.rl_step, critic.critic_step}
+            -> policy => rollout weight sync
+
+The algorithm only picks the advantage estimator (orchestrator/advantages.py) and whether a
+critic takes part; everything else is this one loop.
 """
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from statistics import mean
 
-import ray
 import torch
 from tqdm import tqdm
 
-from actors.policy_trainer import PolicyTrainer
-from actors.reference import Reference
-from actors.reward import RewardSample, RewardScorer, RewardSettings
+from actors.reward import RewardSample
 from actors.runtime import load_tokenizer
 from orchestrator.advantages import compute_advantages, token_rewards
 from orchestrator.batches import RolloutBatch, pad_tokens
@@ -25,77 +26,39 @@ from orchestrator.data import load_prompts
 from orchestrator.dpo_loop import TrainResult
 from orchestrator.evaluate import pad_to_multiple
 from orchestrator.kl import kl_per_token
-from orchestrator.metrics import MetricsLog, PhaseTimer
-from orchestrator.placement import RoleRequest, check_capacity
-from orchestrator.roles import start_group, start_rollout, stop_group
+from orchestrator.metrics import MetricsLog, PhaseTimer, combine_replicas
+from orchestrator.rl_losses import explained_variance
+from orchestrator.roles import RLRoles
 from orchestrator.sampler import ResumableSampler
-from orchestrator.weight_sync import connect as connect_sync, sync_weights
+from orchestrator.storage import RunStorage
+from orchestrator.weight_sync import sync_weights
 
 log = logging.getLogger(__name__)
 
 
-def reward_settings(cfg) -> RewardSettings:
-    r = cfg.reward
-    return RewardSettings(kind=r.kind, model_path=r.model_path, function=r.function, url=r.url,
-                          timeout_s=r.timeout_s, retries=r.retries, micro_batch=r.micro_batch,
-                          dtype=cfg.model.dtype, cpus=r.cpus, gpus=r.gpus)
+ESTIMATOR = {"ppo": "gae"}  # algorithms whose advantage estimator has another name
 
 
-class RLRoles:
-    """Policy, reference, reward and rollout groups, and the weight-sync group between them."""
-
-    def __init__(self, cfg):
-        timeout = cfg.cluster.placement_timeout_s
-        check_capacity([RoleRequest(n, c.actors, c.cpus, c.gpus) for n, c in (
-            ("policy", cfg.policy), ("reference", cfg.reference), ("reward", cfg.reward),
-            ("rollout", cfg.rollout))])
-        self.groups = []
-        self.rollout = self._keep(start_rollout(cfg.model, cfg.rollout, timeout))
-        self.policy = self._keep(start_group("policy", PolicyTrainer, cfg.policy, timeout, (cfg,)))
-        self.reference = self._keep(start_group("reference", Reference, cfg.reference, timeout, (cfg,)))
-        self.reward = self._keep(start_group("reward", RewardScorer, cfg.reward, timeout,
-                                             (reward_settings(cfg),)))
-        addr, port = ray.get(self.policy.actors[0].address.remote())
-        self.policy.run("setup", addr, port)
-        ray.get([a.ready.remote() for g in (self.reference, self.reward) for a in g.actors])
-        connect_sync(self.policy, self.rollout, cfg.weight_sync.timeout_s)
-
-    def _keep(self, group):
-        self.groups.append(group)
-        return group
-
-    def shutdown(self) -> None:
-        for group in reversed(self.groups):
-            stop_group(group)
-
-
-def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor):
+def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None,
+                values: torch.Tensor | None):
     rl = cfg.rl
     penalty = rl.kl_coef if rl.kl_mode == "reward" else 0.0
-    adv, _ = compute_advantages(
-        cfg.algorithm, rewards=rewards, mask=mask, group_size=rl.group_size,
-        token_rewards=token_rewards(rewards, mask, kl, penalty), gamma=rl.gamma,
-        scale_by_std=rl.scale_by_std)
-    return adv
+    return compute_advantages(
+        ESTIMATOR.get(cfg.algorithm, cfg.algorithm), rewards=rewards, mask=mask,
+        group_size=rl.group_size, token_rewards=token_rewards(rewards, mask, kl, penalty),
+        values=values, gamma=rl.gamma, lam=rl.lam, whiten=rl.whiten, scale_by_std=rl.scale_by_std)
 
 
-def _combine(parts: list[dict]) -> dict:
-    n = sum(p["samples"] for p in parts)
-    out = {k: sum(p[k] for p in parts) / n for k in parts[0]
-           if k not in ("samples", "grad_norm", "lr")}
-    out.update(grad_norm=parts[0]["grad_norm"], lr=parts[0]["lr"])
-    return out
-
-
-def run_rl(cfg) -> TrainResult:
-    run_dir = Path(cfg.run_dir)
+def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
+    storage = storage or RunStorage(cfg.run_dir)
+    run_dir = storage.local_dir
     tokenizer = load_tokenizer(cfg.model.path)
     limit = cfg.rollout.max_model_len - cfg.rl.max_new_tokens
     prompts, report = load_prompts(cfg.data.train, tokenizer, limit, cfg.data.on_bad_row,
                                    cfg.data.prompt_key)
     held_out = (load_prompts(cfg.data.eval, tokenizer, limit, cfg.data.on_bad_row,
                              cfg.data.prompt_key)[0][:cfg.eval.num_prompts] if cfg.data.eval else [])
-    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep)
+    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, storage)
     ckpts.clear_partial()
     resume = resume_dir(cfg.checkpoint.resume, ckpts)
     roles = RLRoles(cfg)
@@ -106,14 +69,15 @@ def run_rl(cfg) -> TrainResult:
 
 
 def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) -> TrainResult:
-    rl, run_dir = cfg.rl, Path(cfg.run_dir)
+    rl, run_dir = cfg.rl, ckpts.storage.local_dir
     bucket_bytes = int(cfg.weight_sync.bucket_mb * (1 << 20))
     sampler = ResumableSampler(len(prompts), cfg.train.seed)
     start, before = 0, None
     if resume is not None:
-        start, before = restore_run(resume, roles.policy, sampler)
+        start, before = restore_run(resume, roles.trainables, sampler, ckpts)
         sync_weights(roles.policy, roles.rollout, bucket_bytes)  # engines start from the model dir
-    metrics = MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start)
+    metrics = MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start,
+                         storage=ckpts.storage)
     timer = PhaseTimer()
     sampling = dict(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                     max_new_tokens=rl.max_new_tokens)
@@ -155,20 +119,33 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
             ref_refs = roles.reference.submit("token_logprobs", seqs)
             old_refs = (roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
                         if needs_old else None)
+            value_refs = (roles.critic.submit("values", pad_to_multiple(seqs, len(roles.critic)))
+                          if roles.critic else None)
             rewards = torch.tensor(score(batch_prompts, samples))
             ref_lp = roles.reference.gather("token_logprobs", ref_refs)
             old_lp = roles.policy.gather("token_logprobs", old_refs)[:len(seqs)] if needs_old else None
+            values_lp = roles.critic.gather("values", value_refs)[:len(seqs)] if roles.critic else None
         with timer.phase("other"):
             mask = pad_tokens([[1.0] * len(r) for _, r in seqs])
             width = mask.shape[1]
             ref = pad_tokens(ref_lp, width)
             old = pad_tokens(old_lp, width) if needs_old else None
             engine_lp = pad_tokens([s.logprobs for s in samples], width)
+            values = pad_tokens(values_lp, width) if roles.critic else None
             kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if needs_old else None
-            batch = RolloutBatch(seqs, mask, _advantages(cfg, rewards, mask.bool(), kl), old, ref,
-                                 engine_lp)
-        with timer.phase("train"):
-            row = _combine(roles.policy.run("rl_step", batch.split(len(roles.policy))))
+            adv, returns = _advantages(cfg, rewards, mask.bool(), kl, values)
+            batch = RolloutBatch(seqs, mask, adv, old, ref, engine_lp, values, returns)
+        with timer.phase("train"):  # policy and critic update side by side
+            refs = roles.policy.submit("rl_step", batch.split(len(roles.policy)))
+            critic_refs = (roles.critic.submit("critic_step", batch.split(len(roles.critic)))
+                           if roles.critic else None)
+            row = combine_replicas(roles.policy.gather("rl_step", refs), "samples",
+                                   same=("grad_norm", "lr"))
+            if roles.critic:
+                row.update(combine_replicas(roles.critic.gather("critic_step", critic_refs),
+                                            "samples", same=("critic_grad_norm",)))
+                row.update({"explained_variance": explained_variance(values, returns, mask),
+                            "values/mean": (values * mask).sum().item() / mask.sum().item()})
         with timer.phase("sync"):
             if step % cfg.weight_sync.every == 0:
                 sync_weights(roles.policy, roles.rollout, bucket_bytes)
@@ -182,7 +159,8 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.4f}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            last_ckpt = save_run(ckpts, roles.policy, step, sampler, before)
+            last_ckpt = save_run(ckpts, roles.trainables, step, sampler, before)
+            metrics.sync()
     bar.close()
     steps = cfg.train.max_steps
     if steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
@@ -191,7 +169,7 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
     metrics.log(steps, {f"final/{k}": v for k, v in after.items()})
     metrics.close()
     if last_ckpt is None or not last_ckpt.name.endswith(f"{steps:07d}"):
-        last_ckpt = save_run(ckpts, roles.policy, steps, sampler, before)
+        last_ckpt = save_run(ckpts, roles.trainables, steps, sampler, before)
     result = TrainResult(run_dir, steps, last_ckpt, last_ckpt / "model", before, after, data_notes,
                          resume)
     log.info("%s", result.summary())

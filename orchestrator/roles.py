@@ -2,26 +2,34 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import ray
 
+from actors.critic import Critic
 from actors.group import ActorGroup
 from actors.policy_trainer import PolicyTrainer
 from actors.reference import Reference
+from actors.reward import RewardScorer, RewardSettings
 from actors.rollout import RolloutEngine, RolloutSettings
 from orchestrator.placement import RoleRequest, check_capacity, place
+from orchestrator.weight_sync import connect as connect_sync
 
 log = logging.getLogger(__name__)
 
 
 def connect(cluster) -> bool:
-    """Join ``cluster.address`` or start an embedded local Ray; True if we started it."""
+    """Join ``cluster.address``, else the cluster in ``RAY_ADDRESS`` (set for a Ray job's
+    entrypoint), else start an embedded local Ray; True if this call connected."""
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-    if cluster.address:
-        ray.init(address=cluster.address, **kwargs)
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":  # joining: ray.init refuses num_cpus for a running cluster
+        if cluster.num_cpus is not None:
+            log.info("joining the Ray cluster at %s; cluster.num_cpus is ignored", address)
+        ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=cluster.num_cpus, **kwargs)
     return True
@@ -36,19 +44,71 @@ def _env(role_cfg) -> dict:
     return {"DS_ACCELERATOR": "cpu"} if role_cfg.gpus == 0 else {}
 
 
-def start_group(name: str, cls: type, role_cfg, timeout_s: float, init_args: tuple) -> ActorGroup:
-    """Place role ``name`` and start its replicas, each constructed with ``init_args``."""
-    req = _request(name, role_cfg)
-    pg = place(req, timeout_s)
+def _group(name: str, cls: type, role_cfg, pg, owns_pg: bool, init_args: tuple) -> ActorGroup:
     group = ActorGroup(name, cls, pg, role_cfg.actors, role_cfg.cpus, role_cfg.gpus,
                        init_args=init_args, env=_env(role_cfg))
-    group.placement_group = pg
+    group.placement_group, group.owns_placement = pg, owns_pg
     return group
 
 
+def start_group(name: str, cls: type, role_cfg, timeout_s: float, init_args: tuple) -> ActorGroup:
+    """Place role ``name`` in a placement group of its own and start its replicas, each
+    constructed with ``init_args``."""
+    return _group(name, cls, role_cfg, place(_request(name, role_cfg), timeout_s), True, init_args)
+
+
 def stop_group(group: ActorGroup) -> None:
+    """Kill the replicas; free their placement group unless it is shared with a host role."""
     group.kill()
-    ray.util.remove_placement_group(group.placement_group)
+    if getattr(group, "owns_placement", True):
+        ray.util.remove_placement_group(group.placement_group)
+
+
+def hosts(cfg, names: list[str]) -> dict[str, str]:
+    """Whose placement group each role uses: its ``colocate_with`` role, or its own."""
+    return {n: getattr(getattr(cfg, n), "colocate_with", None) or n for n in names}
+
+
+def merged_requests(cfg, names: list[str]) -> dict[str, RoleRequest]:
+    """One request per placement group, keyed by host role: a colocated role adds its
+    per-replica resources to its host's bundle (the config ensures equal replica counts)."""
+    host = hosts(cfg, names)
+    requests: dict[str, RoleRequest] = {}
+    for n in sorted(names, key=lambda n: host[n] != n):  # hosts before their guests
+        rc = getattr(cfg, n)
+        if host[n] == n:
+            requests[n] = _request(n, rc)
+        else:
+            r = requests[host[n]]
+            requests[host[n]] = RoleRequest(f"{r.role}+{n}", r.actors, r.cpus + rc.cpus,
+                                            r.gpus + rc.gpus)
+    return requests
+
+
+class Placement:
+    """The placement groups of a run: one per role, except that a role with ``colocate_with``
+    joins its host's group: replica i of both sits in bundle i, which holds the sum of their
+    resources, so they share a node (and, with fractional ``gpus``, a device)."""
+
+    def __init__(self, cfg, names: list[str]):
+        self.cfg = cfg
+        self.host = hosts(cfg, names)
+        requests = merged_requests(cfg, names)
+        check_capacity(list(requests.values()), cfg.cluster)
+        self.groups: dict[str, object] = {}
+        for h, req in requests.items():
+            self.groups[h] = place(req, cfg.cluster.placement_timeout_s, cfg.cluster)
+            if req.role != h:
+                log.info("colocated in one placement group: %s", req.describe())
+
+    def start(self, name: str, cls: type, init_args: tuple) -> ActorGroup:
+        h = self.host[name]
+        return _group(name, cls, getattr(self.cfg, name), self.groups[h], h == name, init_args)
+
+    def release(self) -> None:
+        for pg in self.groups.values():
+            ray.util.remove_placement_group(pg)
+        self.groups = {}
 
 
 @dataclass
@@ -67,27 +127,38 @@ class DPORoles:
         stop_group(self.policy)
 
 
+def setup_trainers(*groups: ActorGroup) -> list[int]:
+    """Each trainable group joins its own torch.distributed world (rendezvous at its replica
+    0) and builds its DeepSpeed engine; the groups set up side by side. Returns #params each."""
+    refs = []
+    for group in groups:
+        addr, port = ray.get(group.actors[0].address.remote())
+        refs.append(group.submit("setup", addr, port))
+    return [group.gather("setup", r)[0] for group, r in zip(groups, refs)]
+
+
 def start_dpo_roles(cfg) -> DPORoles:
-    check_capacity([_request("policy", cfg.policy), _request("reference", cfg.reference)])
-    timeout = cfg.cluster.placement_timeout_s
-    reference = start_group("reference", Reference, cfg.reference, timeout, (cfg,))
-    policy = start_group("policy", PolicyTrainer, cfg.policy, timeout, (cfg,))
-    master_addr, master_port = ray.get(policy.actors[0].address.remote())
-    setup = policy.submit("setup", master_addr, master_port)
+    placement = Placement(cfg, cfg.roles())
+    reference = placement.start("reference", Reference, (cfg,))
+    policy = placement.start("policy", PolicyTrainer, (cfg,))
+    setup = [policy.submit("setup", *ray.get(policy.actors[0].address.remote()))]
     ray.get([a.ready.remote() for a in reference.actors])
-    n_params = policy.gather("setup", setup)[0]
+    n_params = policy.gather("setup", setup[0])[0]
     log.info("roles up: policy %d x ZeRO-%d (%.2fM parameters), reference %d",
              len(policy), cfg.policy.zero_stage, n_params / 1e6, len(reference))
     return DPORoles(policy, reference)
 
 
-def start_rollout(model_cfg, rollout, timeout_s: float) -> ActorGroup:
-    """The rollout group: ``rollout.actors`` vLLM engines serving ``model_cfg.path``."""
-    check_capacity([_request("rollout", rollout)])
-    group = start_group("rollout", RolloutEngine, rollout, timeout_s,
-                        (rollout_settings(model_cfg, rollout),))
+def _engines_started(group: ActorGroup) -> ActorGroup:
     ray.get([a.workers.remote() for a in group.actors])  # surfaces a failed engine start here
     return group
+
+
+def start_rollout(model_cfg, rollout, timeout_s: float) -> ActorGroup:
+    """The rollout group on its own: ``rollout.actors`` vLLM engines serving ``model_cfg.path``."""
+    check_capacity([_request("rollout", rollout)])
+    return _engines_started(start_group("rollout", RolloutEngine, rollout, timeout_s,
+                                        (rollout_settings(model_cfg, rollout),)))
 
 
 def rollout_settings(model_cfg, rollout):
@@ -98,3 +169,49 @@ def rollout_settings(model_cfg, rollout):
         enforce_eager=rollout.enforce_eager, gpu_memory_utilization=rollout.gpu_memory_utilization,
         kv_cache_gib=rollout.kv_cache_gib, cpu_threads_bind=rollout.cpu_threads_bind,
         in_actor=rollout.in_actor, long_prompt=rollout.long_prompt)
+
+
+def reward_settings(cfg) -> RewardSettings:
+    r = cfg.reward
+    return RewardSettings(kind=r.kind, model_path=r.model_path, function=r.function, url=r.url,
+                          timeout_s=r.timeout_s, retries=r.retries, micro_batch=r.micro_batch,
+                          dtype=cfg.model.dtype, cpus=r.cpus, gpus=r.gpus)
+
+
+class RLRoles:
+    """Rollout, policy, critic (PPO), reference and reward groups, and the weight-sync group
+    between the policy and the engines."""
+
+    def __init__(self, cfg):
+        self.groups: list[ActorGroup] = []
+        self.placement = placement = Placement(cfg, cfg.roles())
+        try:
+            self.rollout = self._keep(_engines_started(placement.start(
+                "rollout", RolloutEngine, (rollout_settings(cfg.model, cfg.rollout),))))
+            self.policy = self._keep(placement.start("policy", PolicyTrainer, (cfg,)))
+            self.critic = (self._keep(placement.start("critic", Critic, (cfg,)))
+                           if cfg.uses_critic else None)
+            self.reference = self._keep(placement.start("reference", Reference, (cfg,)))
+            self.reward = self._keep(placement.start("reward", RewardScorer,
+                                                     (reward_settings(cfg),)))
+            setup_trainers(*self.trainables)
+            ray.get([a.ready.remote() for g in (self.reference, self.reward) for a in g.actors])
+            connect_sync(self.policy, self.rollout, cfg.weight_sync.timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def trainables(self) -> list[ActorGroup]:
+        """The groups whose state a checkpoint holds."""
+        return [self.policy] + ([self.critic] if self.critic is not None else [])
+
+    def _keep(self, group: ActorGroup) -> ActorGroup:
+        self.groups.append(group)
+        return group
+
+    def shutdown(self) -> None:
+        for group in self.groups:
+            group.kill()
+        self.groups = []
+        self.placement.release()

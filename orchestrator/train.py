@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import ray
 import yaml
@@ -12,9 +11,10 @@ from orchestrator.dpo_loop import TrainResult, run_dpo
 from orchestrator.evaluate import load_reward_fn
 from orchestrator.rl_loop import run_rl
 from orchestrator.roles import connect
+from orchestrator.storage import RunStorage
 
 log = logging.getLogger(__name__)
-LOOPS = {"dpo": run_dpo, "grpo": run_rl, "rloo": run_rl, "reinforce_pp": run_rl}
+LOOPS = {"dpo": run_dpo, "ppo": run_rl, "grpo": run_rl, "rloo": run_rl, "reinforce_pp": run_rl}
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -23,12 +23,11 @@ def train(cfg: RunConfig) -> TrainResult:
     cfg.check()
     cfg.check_paths()
     load_reward_fn(cfg.eval.reward_fn)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    storage = RunStorage(cfg.run_dir)  # a bad URI or missing credentials fail here
+    storage.write_text("config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     started = connect(cfg.cluster)
     try:
-        return LOOPS[cfg.algorithm](cfg)
+        return LOOPS[cfg.algorithm](cfg, storage)
     finally:
         if started:
             ray.shutdown()

@@ -1,4 +1,5 @@
-"""An online RL run stopped after k steps and resumed continues exactly where it stopped."""
+"""An online RL run (PPO: policy and critic) stopped after k steps and resumed continues exactly
+where it stopped."""
 from __future__ import annotations
 
 import json
@@ -16,18 +17,20 @@ STEPS, STOP = 4, 2
 
 def _config(assets, run_dir) -> RunConfig:
     return RunConfig.from_dict({
-        "algorithm": "grpo", "run_dir": str(run_dir),
+        "algorithm": "ppo", "run_dir": str(run_dir),
         "model": {"path": assets["model"]}, "data": {"train": assets["train"]},
         "policy": {"actors": 1, "cpus": 1, "zero_stage": 2},
-        "reference": {"actors": 1, "cpus": 0.5},
+        "critic": {"actors": 1, "cpus": 0.5, "zero_stage": 2, "lr": 1e-3},
+        "reference": {"actors": 1, "cpus": 0.5, "colocate_with": "policy"},
         "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
                    "function": "orchestrator.synthetic:reward"},
         "rollout": {"actors": 1, "cpus": 1, "kv_cache_gib": 0.25, "max_model_len": 256},
-        "rl": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8, "kl_coef": 0.01},
+        "rl": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8, "kl_coef": 0.01,
+               "kl_mode": "reward"},
         "optim": {"lr": 2e-3},
         "train": {"batch_size": 16, "micro_batch_size": 16, "max_steps": STEPS},
         "checkpoint": {"every": STOP, "keep": 3},
-        "cluster": {"num_cpus": 3},
+        "cluster": {"num_cpus": 4},
         "log": {"progress_bar": False, "tensorboard": False},
     })
 
@@ -47,9 +50,10 @@ def test_rl_resume_matches_uninterrupted_run(assets, tmp_path):
     assert resumed.resumed_from == part / "checkpoints" / f"step-{STOP:07d}"
     assert _rows(part) == _rows(full.run_dir)
     assert sorted(_rows(part)) == list(range(1, STEPS + 1))
-    a = load_file(str(full.model_dir / "model.safetensors"))
-    b = load_file(str(resumed.model_dir / "model.safetensors"))
-    mid = load_file(str(part / "checkpoints" / f"step-{STOP:07d}" / "model" / "model.safetensors"))
-    assert any(not torch.allclose(mid[n], a[n]) for n in a)  # steps 3-4 changed the weights
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    for sub in ("model", "critic/model"):  # the policy, and the critic
+        a = load_file(str(full.checkpoint / sub / "model.safetensors"))
+        b = load_file(str(resumed.checkpoint / sub / "model.safetensors"))
+        mid = load_file(str(part / "checkpoints" / f"step-{STOP:07d}" / sub / "model.safetensors"))
+        assert any(not torch.allclose(mid[n], a[n]) for n in a), sub  # steps 3-4 changed it
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=f"{sub} {name}")

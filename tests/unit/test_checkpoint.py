@@ -183,3 +183,55 @@ def test_phase_timer():
     out = t.pop()
     assert set(out) == {"timing/a", "timing/b"} and all(v >= 0 for v in out.values())
     assert t.pop() == {}
+
+
+# ---- a run dir on a URI: checkpoints are staged locally and uploaded marker-last ------------
+def _remote_storage(tmp_path):
+    from pyarrow import fs as pafs
+
+    from orchestrator.storage import RunStorage
+    (tmp_path / "bucket").mkdir(exist_ok=True)
+    remote_fs = pafs.SubTreeFileSystem(str(tmp_path / "bucket"), pafs.LocalFileSystem())
+    return RunStorage("sub://bucket/run", staging_root=tmp_path / "staging",
+                      filesystem=remote_fs, base_path="run")
+
+
+def test_remote_run_dir_uploads_rotates_and_resumes_from_the_uri(tmp_path):
+    from orchestrator.checkpoint import CheckpointManager, MARKER
+    storage = _remote_storage(tmp_path)
+    mgr = CheckpointManager("unused", keep=2, storage=storage)
+    assert mgr.root == storage.local_dir / "checkpoints"
+    for step in (1, 2, 3):
+        tmp = mgr.begin(step)
+        (tmp / "model").mkdir()
+        (tmp / "model" / "weights.bin").write_bytes(bytes([step]) * 100)
+        mgr.commit(tmp, step, {"step": step})
+    bucket = tmp_path / "bucket" / "run" / "checkpoints"
+    assert sorted(p.name for p in bucket.iterdir()) == ["step-0000002", "step-0000003"]
+    assert (bucket / "step-0000003" / MARKER).is_file()
+    # a fresh machine: nothing staged, the newest checkpoint comes from the URI
+    import shutil
+    shutil.rmtree(tmp_path / "staging")
+    fresh = CheckpointManager("unused", keep=2, storage=_remote_storage(tmp_path))
+    latest = fresh.latest()
+    assert latest.name == "step-0000003"
+    assert (latest / "model" / "weights.bin").read_bytes() == bytes([3]) * 100
+    assert fresh.remote(latest)[1] == "checkpoints/step-0000003"
+
+
+def test_half_uploaded_checkpoint_on_the_uri_is_cleared(tmp_path):
+    from orchestrator.checkpoint import CheckpointManager
+    storage = _remote_storage(tmp_path)
+    mgr = CheckpointManager("unused", keep=2, storage=storage)
+    torn = tmp_path / "bucket" / "run" / "checkpoints" / "step-0000009"
+    torn.mkdir(parents=True)
+    (torn / "driver_state.json").write_text("{}")  # files without the marker
+    assert mgr.latest() is None
+    mgr.clear_partial()
+    assert not torn.exists()
+
+
+def test_local_run_dir_has_no_remote(tmp_path):
+    from orchestrator.checkpoint import CheckpointManager
+    mgr = CheckpointManager(tmp_path / "run", keep=1)
+    assert mgr.remote(mgr.begin(1)) is None
