@@ -40,7 +40,8 @@ class RolloutSettings:
     cpu_threads_bind: str = "auto"       # CPU: VLLM_CPU_OMP_THREADS_BIND ("auto", "nobind", "0-3")
     in_actor: bool = True                # engine core (and, at tp=1, the worker) in this process
     logprobs_mode: str = "raw_logprobs"  # log-probs of the model's own distribution (T = 1)
-    weight_sync: bool = True             # build the rayalign_gloo weight-transfer engine
+    weight_sync: bool = True             # build a weight-transfer engine (trainer => engine)
+    weight_backend: str = "rayalign_gloo"  # its backend: ours over gloo (CPU), vLLM's nccl (GPU)
     long_prompt: str = "error"           # a prompt that leaves no room: error, truncate or skip
 
 
@@ -109,7 +110,7 @@ class RolloutEngine:
             logprobs_mode=s.logprobs_mode, distributed_executor_backend=backend,
             worker_extension_cls="actors.vllm_weight_engine.WeightSyncExtension")
         if s.weight_sync:
-            kwargs["weight_transfer_config"] = {"backend": "rayalign_gloo"}
+            kwargs["weight_transfer_config"] = {"backend": s.weight_backend}
         if not _has_gpu():
             kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * (1 << 30))
         t0 = time.perf_counter()
@@ -207,11 +208,18 @@ class RolloutEngine:
         return self.settings.tensor_parallel_size
 
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
-                         world_size: int, timeout_s: float = 300.0) -> None:
-        """Join the trainer<->engines gloo group (every member calls this at the same time)."""
-        self.llm.collective_rpc("init_weight_transfer_engine", args=(dict(
-            master_address=master_address, master_port=master_port, rank_offset=rank_offset,
-            world_size=world_size, timeout_s=timeout_s),))
+                         world_size: int, timeout_s: float = 300.0,
+                         bucket_bytes: int | None = None) -> None:
+        """Join the trainer<->engines group (every member calls this at the same time)."""
+        if self.settings.weight_backend == "nccl":
+            from actors.weight_sync_nccl import engine_init_payload
+            from actors.weight_sync import DEFAULT_BUCKET_BYTES
+            payload = engine_init_payload(master_address, master_port, rank_offset, world_size,
+                                          bucket_bytes or DEFAULT_BUCKET_BYTES)
+        else:
+            payload = dict(master_address=master_address, master_port=master_port,
+                           rank_offset=rank_offset, world_size=world_size, timeout_s=timeout_s)
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(payload,))
 
     @dispatch(ALL)
     def update_weights(self, info: dict) -> dict:
@@ -222,6 +230,9 @@ class RolloutEngine:
         """
         from actors.weight_sync import WeightSyncError
         t0 = time.perf_counter()
+        if self.settings.weight_backend == "nccl":  # vLLM's engine reads names, dtypes, shapes
+            from actors.weight_sync_nccl import update_payload
+            info = update_payload(info)
         self.llm.collective_rpc("start_weight_update")
         try:
             self.llm.collective_rpc("update_weights", args=(info,))

@@ -178,7 +178,8 @@ class WeightSyncExtension:
 
     def rayalign_sync_report(self) -> dict:
         engine = getattr(self, "weight_transfer_engine", None)
-        return dict(engine.report) if engine is not None else {}
+        # vLLM's own engines (nccl on GPU) keep no report: the completeness check is ours
+        return dict(getattr(engine, "report", None) or {})
 
 
 def register() -> None:

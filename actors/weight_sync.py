@@ -250,7 +250,9 @@ class WeightSender:
     ``self.engine.module``) and ``weights_zero3()`` (True under ZeRO-3), and has ``self.rank``.
     The driver calls these on every trainer rank (dispatch ALL); only rank 0 talks to engines.
     """
-    weight_group: WeightGroup | None = None
+    weight_group = None  # rank 0: a WeightGroup (gloo), or a vLLM PyNcclCommunicator (nccl)
+    weight_backend = BACKEND
+    weight_bucket_bytes = DEFAULT_BUCKET_BYTES
 
     def weights_module(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -263,19 +265,34 @@ class WeightSender:
         return node_address()
 
     def open_weight_sync(self, master_address: str, master_port: int, world_size: int,
-                         timeout_s: float = 300.0) -> None:
-        if self.rank == 0:
+                         timeout_s: float = 300.0, backend: str = BACKEND,
+                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        """Join the trainer<->engines group over ``backend``: ``rayalign_gloo`` (CPU) or
+        ``nccl`` (GPU, vLLM's engine; ``bucket_bytes`` is then fixed for the group's life)."""
+        self.weight_backend, self.weight_bucket_bytes = backend, bucket_bytes
+        if self.rank != 0:
+            return
+        if backend == BACKEND:
             self.weight_group = open_group(master_address, master_port, 0, world_size, timeout_s)
+        else:
+            from actors import weight_sync_nccl
+            self.weight_group = weight_sync_nccl.open_sender(master_address, master_port,
+                                                             world_size)
 
     def weight_update_info(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                            exclude: tuple[str, ...] = ()) -> dict:
         return describe(self.weights_module(), bucket_bytes, tuple(exclude)).payload()
 
     def send_weights(self, info: dict) -> dict:
-        info = UpdateInfo(**info)
+        params = full_parameters(self.weights_module(), self.weights_zero3())
+        group = self.weight_group if self.rank == 0 else None
         with torch.no_grad():
-            stats = send_weights(full_parameters(self.weights_module(), self.weights_zero3()),
-                                 info, self.weight_group if self.rank == 0 else None)
+            if self.weight_backend == BACKEND:
+                stats = send_weights(params, UpdateInfo(**info), group)
+            else:
+                from actors import weight_sync_nccl
+                stats = weight_sync_nccl.send(params, info, group, self.weight_bucket_bytes)
+                stats["bytes"] = UpdateInfo(**info).total_bytes
         if self.rank == 0:
             log.info("sent %d tensors (%.1f MB) in %d buckets in %.2fs", stats["tensors"],
                      stats["bytes"] / 1e6, stats["buckets"], stats["seconds"])

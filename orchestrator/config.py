@@ -351,6 +351,11 @@ class RunConfig:
             raise ConfigError(f"train.batch_size: {self.train.batch_size} samples per optimizer step "
                               f"must divide the {rollout_size} samples of a step "
                               f"(rl.prompts_per_step x rl.group_size)")
+        if (self.rollout.gpus > 0) != (self.policy.gpus > 0):
+            raise ConfigError(f"rollout.gpus: {self.rollout.gpus:g} with policy.gpus="
+                              f"{self.policy.gpus:g}; weights go from trainer to engines over NCCL "
+                              f"when both hold GPUs and over gloo when neither does: give both "
+                              f"GPUs or neither")
         need = {"model": "model_path", "function": "function", "http": "url"}[self.reward.kind]
         if not getattr(self.reward, need):
             raise ConfigError(f"reward.{need}: required when reward.kind is {self.reward.kind!r}")

@@ -14,7 +14,7 @@ from actors.reference import Reference
 from actors.reward import RewardScorer, RewardSettings
 from actors.rollout import RolloutEngine, RolloutSettings
 from orchestrator.placement import RoleRequest, check_capacity, place
-from orchestrator.weight_sync import connect as connect_sync
+from orchestrator.weight_sync import backend_for, connect as connect_sync
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,8 @@ def rollout_settings(model_cfg, rollout):
         max_model_len=rollout.max_model_len, dtype=model_cfg.dtype, seed=rollout.seed,
         enforce_eager=rollout.enforce_eager, gpu_memory_utilization=rollout.gpu_memory_utilization,
         kv_cache_gib=rollout.kv_cache_gib, cpu_threads_bind=rollout.cpu_threads_bind,
-        in_actor=rollout.in_actor, long_prompt=rollout.long_prompt)
+        in_actor=rollout.in_actor, long_prompt=rollout.long_prompt,
+        weight_backend=backend_for(rollout.gpus))
 
 
 def reward_settings(cfg) -> RewardSettings:
@@ -196,7 +197,8 @@ class RLRoles:
                                                      (reward_settings(cfg),)))
             setup_trainers(*self.trainables)
             ray.get([a.ready.remote() for g in (self.reference, self.reward) for a in g.actors])
-            connect_sync(self.policy, self.rollout, cfg.weight_sync.timeout_s)
+            connect_sync(self.policy, self.rollout, cfg.weight_sync.timeout_s,
+                         backend_for(cfg.rollout.gpus), int(cfg.weight_sync.bucket_mb * (1 << 20)))
         except BaseException:
             self.shutdown()
             raise

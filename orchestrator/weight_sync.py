@@ -11,20 +11,30 @@ from actors.weight_sync import DEFAULT_BUCKET_BYTES
 log = logging.getLogger(__name__)
 
 
-def connect(trainers, engines, timeout_s: float = 300.0) -> None:
+def backend_for(rollout_gpus: float) -> str:
+    """The weight-transfer backend of engines with that many GPUs each: vLLM's ``nccl`` on GPU,
+    our ``rayalign_gloo`` on CPU (the config makes sure the policy is on the same kind)."""
+    return "nccl" if rollout_gpus > 0 else "rayalign_gloo"
+
+
+def connect(trainers, engines, timeout_s: float = 300.0, backend: str = "rayalign_gloo",
+            bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
     """Build the trainer<->engines group: trainers and engines are ActorGroups (or lists of
-    actor handles) whose classes mix in :class:`WeightSender` / are ``RolloutEngine``."""
+    actor handles) whose classes mix in :class:`WeightSender` / are ``RolloutEngine``; the
+    engines must have been built for ``backend``."""
     t_actors = getattr(trainers, "actors", trainers)
     e_actors = getattr(engines, "actors", engines)
     tp = ray.get([e.workers.remote() for e in e_actors])
     world_size = 1 + sum(tp)
     addr, port = ray.get(t_actors[0].weight_sync_address.remote())
     offsets = [1 + sum(tp[:i]) for i in range(len(e_actors))]
-    refs = [e.init_weight_sync.remote(addr, port, off, world_size, timeout_s)
+    refs = [e.init_weight_sync.remote(addr, port, off, world_size, timeout_s, bucket_bytes)
             for e, off in zip(e_actors, offsets)]
-    refs += [t.open_weight_sync.remote(addr, port, world_size, timeout_s) for t in t_actors]
+    refs += [t.open_weight_sync.remote(addr, port, world_size, timeout_s, backend, bucket_bytes)
+             for t in t_actors]
     ray.get(refs)
-    log.info("weight sync group up: 1 trainer sender, %d engine workers", world_size - 1)
+    log.info("weight sync group up (%s): 1 trainer sender, %d engine workers", backend,
+             world_size - 1)
 
 
 def sync_weights(trainers, engines, bucket_bytes: int = DEFAULT_BUCKET_BYTES,

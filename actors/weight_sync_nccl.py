@@ -1,0 +1,77 @@
+"""Trainer => rollout-engine weight sync on GPU, through vLLM's own NCCL weight-transfer engine.
+
+When the policy and the engines hold GPUs, the engines are built with vLLM's ``nccl``
+weight-transfer backend and the trainer's rank 0 joins their NCCL group as rank 0 (a
+``PyNcclCommunicator`` opened with vLLM's ``trainer_init``); parameters go out with vLLM's
+packed producer, in buffers of ``weight_sync.bucket_mb`` that the engines are told about when
+the group is built (both sides must agree on them). Every trainer rank still walks the
+parameters, so ZeRO-3's per-module gathers stay collective; only rank 0 broadcasts.
+
+The three payloads below are plain dicts, so the driver and the engine actor can build them
+without CUDA; the functions that move bytes import vLLM lazily and need a GPU.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import torch
+
+BACKEND = "nccl"
+NUM_BUFFERS = 2
+
+log = logging.getLogger(__name__)
+
+
+def engine_init_payload(master_address: str, master_port: int, rank_offset: int,
+                        world_size: int, bucket_bytes: int) -> dict:
+    """What an engine's workers get in ``init_weight_transfer_engine`` for the NCCL backend."""
+    from vllm.distributed.weight_transfer.nccl_common import (NCCLWeightTransferInitInfo,
+                                                               worker_init_payload)
+    return worker_init_payload(NCCLWeightTransferInitInfo(
+        master_address=master_address, master_port=master_port, rank_offset=rank_offset,
+        world_size=world_size, packed=True, packed_buffer_size_bytes=bucket_bytes,
+        packed_num_buffers=NUM_BUFFERS))
+
+
+def update_payload(info: dict) -> dict:
+    """vLLM's NCCL update info (names, dtypes, shapes) out of our sync metadata, which also
+    carries a bucket plan that only the gloo path reads."""
+    return {k: info[k] for k in ("names", "dtype_names", "shapes")}
+
+
+def open_sender(master_address: str, master_port: int, world_size: int):
+    """Trainer rank 0's end of the trainer<->engines NCCL group (the engines join at once)."""
+    from vllm.distributed.weight_transfer.nccl_common import trainer_init
+    if not torch.cuda.is_available():
+        raise RuntimeError("weight sync backend 'nccl' needs a GPU on the policy trainer; set "
+                           "policy.gpus > 0 or run the engines on CPU (rollout.gpus: 0)")
+    return trainer_init(dict(master_address=master_address, master_port=master_port,
+                             world_size=world_size), rank=0)
+
+
+def send(params: Iterable[tuple[str, torch.Tensor]], info: dict, group, bucket_bytes: int) -> dict:
+    """Broadcast the parameters in the order of ``info`` (rank 0: ``group`` is its
+    communicator); other ranks pass ``group=None`` and only walk the parameters."""
+    t0 = time.perf_counter()
+    names = info["names"]
+
+    def checked():
+        for i, (name, tensor) in enumerate(params):
+            if i >= len(names) or name != names[i]:
+                raise RuntimeError(f"weight send: parameter {i} is {name}, the metadata says "
+                                   f"{names[i] if i < len(names) else 'nothing more'}")
+            yield name, tensor.detach().to("cuda", non_blocking=True).contiguous()
+
+    if group is None:
+        for _ in params:
+            pass
+    else:
+        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+        packed_nccl_broadcast_producer(iterator=checked(), group=group, src=0,
+                                       post_iter_func=lambda item: item[1],
+                                       buffer_size_bytes=bucket_bytes, num_buffers=NUM_BUFFERS)
+        torch.cuda.current_stream().synchronize()
+    return {"tensors": len(names), "buckets": 0, "bytes": 0,
+            "seconds": time.perf_counter() - t0}
