@@ -30,8 +30,8 @@ def connect(cluster) -> bool:
         if cluster.num_cpus is not None:
             log.info("joining the Ray cluster at %s; cluster.num_cpus is ignored", address)
         ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=cluster.num_cpus, **kwargs)
+    else:  # "local": never join a cluster some `ray start` left in /tmp/ray by accident
+        ray.init(address="local", num_cpus=cluster.num_cpus, **kwargs)
     return True
 
 
