@@ -70,7 +70,7 @@ def test_critic_model_path_must_be_a_model_dir(tmp_path):
 def test_colocated_roles_share_one_bundle_with_summed_resources():
     cfg = ppo("reference.colocate_with=policy", "reward.colocate_with=critic",
               "policy.cpus=2", "policy.gpus=0.5", "reference.cpus=1", "reference.gpus=0.25",
-              "critic.cpus=1", "reward.cpus=0.5")
+              "critic.cpus=1", "reward.cpus=0.5", "rollout.gpus=1")
     names = cfg.roles()
     assert hosts(cfg, names) == {"rollout": "rollout", "policy": "policy", "critic": "critic",
                                  "reference": "policy", "reward": "critic"}
