@@ -150,6 +150,7 @@ class RolloutEngine:
             return SamplingParams(
                 n=sp.n // copies, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                 max_tokens=sp.max_new_tokens, stop=list(sp.stop), logprobs=0,
+                detokenize=bool(sp.stop),  # callers decode ids themselves; stop strings need text
                 ignore_eos=sp.ignore_eos, seed=None if sp.seed is None else sp.seed + i * copies + k)
         todo = [(i, k) for i in range(len(prompts)) if i not in skipped for k in range(copies)]
         results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i, _ in todo],

@@ -76,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="held-out prompts for rayalign's eval/reward before and after")
     p.add_argument("--out", default="runs/bench/rl", help="work dir: model, data, run dirs, results")
     p.add_argument("--skip-trl", action="store_true", help="run rayalign only")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override of rayalign's config, e.g. rollout.enforce_eager=false")
     p.add_argument("--policy-cpus", type=int, default=2,
                    help="rayalign policy CPUs (torch threads); the engine and the trainer take "
                         "turns, so each may use both cores")
@@ -140,7 +142,7 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path]) -> dict:
         "eval": {"num_prompts": args.eval_prompts},
         "cluster": {"num_cpus": 2 + args.policy_cpus},
         "log": {"progress_bar": False, "tensorboard": False},
-    })
+    }, args.set)
     log.info("rayalign: GRPO, %d steps; policy 1 x 1 CPU (ZeRO-0), reference 0.5, reward 0.5, "
              "rollout 1 vLLM engine x 1 CPU; embedded Ray with 3 logical CPUs", args.steps)
     load_before = os.getloadavg()

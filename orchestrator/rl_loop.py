@@ -49,6 +49,16 @@ def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor
         values=values, gamma=rl.gamma, lam=rl.lam, whiten=rl.whiten, scale_by_std=rl.scale_by_std)
 
 
+class _SamplerAt:
+    """A sampler state to checkpoint in place of the live sampler."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+
 def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
     storage = storage or RunStorage(cfg.run_dir)
     run_dir = storage.local_dir
@@ -99,9 +109,22 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
 
     # pre-update log-probs need their own forward pass unless the update is exactly on-policy
     # (one epoch, one optimizer step per rollout) and no KL penalty enters the rewards
+    # (one epoch, one optimizer step per rollout) and no KL penalty enters the rewards; with
+    # async rollouts the engine's own log-probs are the old policy's (it sampled one step behind)
     rollout_size = rl.prompts_per_step * rl.group_size
-    needs_old = not (rl.epochs == 1 and cfg.train.batch_size == rollout_size
-                     and (rl.kl_mode == "loss" or rl.kl_coef == 0))
+    needs_old = not rl.async_rollout and not (rl.epochs == 1 and cfg.train.batch_size == rollout_size
+                                              and (rl.kl_mode == "loss" or rl.kl_coef == 0))
+
+    def launch(step: int):
+        """Draw step's prompts and start generating (seeded per step, so a resumed run samples
+        the same); returns the prompts, the call's refs, and the sampler state before the draw."""
+        state = sampler.state_dict()
+        batch_prompts = [prompts[i] for i in sampler.next_batch(rl.prompts_per_step)]
+        refs = roles.rollout.submit("generate", [p.prompt_ids for p in batch_prompts],
+                                    dict(sampling, seed=cfg.train.seed + 100_003 * step))
+        return batch_prompts, refs, state
+
+    pending = None  # async: the next step's generation, running while this step trains
     if before is None:
         before = evaluate(0)
         metrics.log(0, before)
@@ -110,10 +133,11 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
                disable=not cfg.log.progress_bar, dynamic_ncols=True)
     for step in range(start + 1, cfg.train.max_steps + 1):
         t_step = time.perf_counter()
-        batch_prompts = [prompts[i] for i in sampler.next_batch(rl.prompts_per_step)]
-        with timer.phase("generate"):  # seeded per step, so a resumed run samples the same
-            samples = roles.rollout.run("generate", [p.prompt_ids for p in batch_prompts],
-                                        dict(sampling, seed=cfg.train.seed + 100_003 * step))
+        with timer.phase("generate"):
+            batch_prompts, refs, _ = pending or launch(step)
+            samples = roles.rollout.gather("generate", refs)
+            pending = (launch(step + 1) if rl.async_rollout and step < cfg.train.max_steps
+                       else None)
         seqs = [(s.prompt_ids, s.response_ids) for s in samples]
         with timer.phase("score"):  # reference and policy log-probs run while rewards are scored
             ref_refs = roles.reference.submit("token_logprobs", seqs)
@@ -129,10 +153,10 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
             mask = pad_tokens([[1.0] * len(r) for _, r in seqs])
             width = mask.shape[1]
             ref = pad_tokens(ref_lp, width)
-            old = pad_tokens(old_lp, width) if needs_old else None
             engine_lp = pad_tokens([s.logprobs for s in samples], width)
+            old = pad_tokens(old_lp, width) if needs_old else engine_lp if rl.async_rollout else None
             values = pad_tokens(values_lp, width) if roles.critic else None
-            kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if needs_old else None
+            kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if old is not None else None
             adv, returns = _advantages(cfg, rewards, mask.bool(), kl, values)
             batch = RolloutBatch(seqs, mask, adv, old, ref, engine_lp, values, returns)
         with timer.phase("train"):  # policy and critic update side by side
@@ -159,7 +183,10 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.4f}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            last_ckpt = save_run(ckpts, roles.trainables, step, sampler, before)
+            # async: the next step's prompts are drawn already; the checkpoint keeps the sampler
+            # as it was before that draw, so a resume draws them again
+            last_ckpt = save_run(ckpts, roles.trainables, step,
+                                 _SamplerAt(pending[2]) if pending else sampler, before)
             metrics.sync()
     bar.close()
     steps = cfg.train.max_steps

@@ -212,7 +212,8 @@ def _configs(tmp_path: Path) -> dict[str, Path]:
             "reward": {"actors": 1, "cpus": 0.25, "kind": "function",
                        "function": "orchestrator.synthetic:reward"},
             "rollout": {"actors": 1, "cpus": 1, "kv_cache_gib": 0.25, "max_model_len": 256},
-            "rl": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8},
+            "rl": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8,
+                   "async_rollout": True},  # the async path too: sampling overlaps training
             "optim": {"lr": 2e-3},
             "train": {**common["train"], "batch_size": 16, "micro_batch_size": 16},
             "cluster": {"num_cpus": 3}}
