@@ -1,5 +1,6 @@
 """An online RL run (PPO: policy and critic) stopped after k steps and resumed continues exactly
-where it stopped."""
+where it stopped. The reward is a sequence classifier, and the critic starts from it (its
+score head kept), so both model-based paths run inside a full RL loop here."""
 from __future__ import annotations
 
 import json
@@ -10,20 +11,21 @@ import torch
 from safetensors.torch import load_file
 
 from orchestrator import RunConfig, train
+from orchestrator.reward_model import build_reward_model
 
 pytestmark = pytest.mark.e2e
 STEPS, STOP = 4, 2
 
 
-def _config(assets, run_dir) -> RunConfig:
+def _config(assets, run_dir, reward_model) -> RunConfig:
     return RunConfig.from_dict({
         "algorithm": "ppo", "run_dir": str(run_dir),
         "model": {"path": assets["model"]}, "data": {"train": assets["train"]},
         "policy": {"actors": 1, "cpus": 1, "zero_stage": 2},
-        "critic": {"actors": 1, "cpus": 0.5, "zero_stage": 2, "lr": 1e-3},
+        "critic": {"actors": 1, "cpus": 0.5, "zero_stage": 2, "lr": 1e-3,
+                   "model_path": str(reward_model)},
         "reference": {"actors": 1, "cpus": 0.5, "colocate_with": "policy"},
-        "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
-                   "function": "orchestrator.synthetic:reward"},
+        "reward": {"actors": 1, "cpus": 0.5, "kind": "model", "model_path": str(reward_model)},
         "rollout": {"actors": 1, "cpus": 1, "kv_cache_gib": 0.25, "max_model_len": 256},
         "rl": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 8, "kl_coef": 0.01,
                "kl_mode": "reward"},
@@ -41,12 +43,13 @@ def _rows(run_dir) -> dict[int, list[int]]:
 
 
 def test_rl_resume_matches_uninterrupted_run(assets, tmp_path):
-    full = train(_config(assets, tmp_path / "full"))
+    reward_model = build_reward_model(tmp_path / "reward-model", "tiny", seed=1)
+    full = train(_config(assets, tmp_path / "full", reward_model))
     part = tmp_path / "part"
     shutil.copytree(full.run_dir, part)
     shutil.rmtree(part / "checkpoints" / f"step-{STEPS:07d}")
 
-    resumed = train(_config(assets, part))
+    resumed = train(_config(assets, part, reward_model))
     assert resumed.resumed_from == part / "checkpoints" / f"step-{STOP:07d}"
     assert _rows(part) == _rows(full.run_dir)
     assert sorted(_rows(part)) == list(range(1, STEPS + 1))

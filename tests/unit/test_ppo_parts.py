@@ -140,3 +140,16 @@ def test_value_model_starts_at_zero_and_reads_the_predicting_positions(tmp_path)
     # next token: 12, 13, 14)
     full = model(input_ids=torch.tensor([[10, 11, 12, 13, 14]])).logits[0, :, 0]
     torch.testing.assert_close(packed[2:5], full[1:4], rtol=1e-4, atol=1e-5)
+
+
+def test_value_model_from_a_reward_model_keeps_its_score_head(tmp_path):
+    from safetensors.torch import load_file
+
+    from actors.critic import load_value_model
+    from orchestrator.reward_model import build_reward_model
+    path = build_reward_model(tmp_path / "rm", "tiny", seed=3)
+    model = load_value_model(str(path), "float32", "sdpa")
+    saved = load_file(str(path / "model.safetensors"))
+    torch.testing.assert_close(model.score.weight, saved["score.weight"])
+    if model.score.bias is not None:  # the classifier has no bias; a new one starts at zero
+        assert torch.count_nonzero(model.score.bias) == 0
