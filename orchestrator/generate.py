@@ -61,7 +61,7 @@ def generate(model: str | Path, prompts: str | Path, out: str | Path, sampling: 
     examples, report = load_prompts(prompts, tokenizer, limit, on_bad_row)
     started = connect(cluster)
     try:
-        group = start_rollout(model_cfg, rollout, cluster.placement_timeout_s)
+        group = start_rollout(model_cfg, rollout, cluster.placement_timeout_s, cluster)
         try:
             samples = group.run("generate", [e.prompt_ids for e in examples], sampling or {})
         finally:

@@ -51,10 +51,12 @@ def _group(name: str, cls: type, role_cfg, pg, owns_pg: bool, init_args: tuple) 
     return group
 
 
-def start_group(name: str, cls: type, role_cfg, timeout_s: float, init_args: tuple) -> ActorGroup:
+def start_group(name: str, cls: type, role_cfg, timeout_s: float, init_args: tuple,
+                cluster=None) -> ActorGroup:
     """Place role ``name`` in a placement group of its own and start its replicas, each
-    constructed with ``init_args``."""
-    return _group(name, cls, role_cfg, place(_request(name, role_cfg), timeout_s), True, init_args)
+    constructed with ``init_args``; ``cluster`` (ClusterConfig) rules any autoscaler wait."""
+    pg = place(_request(name, role_cfg), timeout_s, cluster)
+    return _group(name, cls, role_cfg, pg, True, init_args)
 
 
 def stop_group(group: ActorGroup) -> None:
@@ -154,11 +156,11 @@ def _engines_started(group: ActorGroup) -> ActorGroup:
     return group
 
 
-def start_rollout(model_cfg, rollout, timeout_s: float) -> ActorGroup:
+def start_rollout(model_cfg, rollout, timeout_s: float, cluster=None) -> ActorGroup:
     """The rollout group on its own: ``rollout.actors`` vLLM engines serving ``model_cfg.path``."""
-    check_capacity([_request("rollout", rollout)])
+    check_capacity([_request("rollout", rollout)], cluster)
     return _engines_started(start_group("rollout", RolloutEngine, rollout, timeout_s,
-                                        (rollout_settings(model_cfg, rollout),)))
+                                        (rollout_settings(model_cfg, rollout),), cluster))
 
 
 def rollout_settings(model_cfg, rollout):
