@@ -14,7 +14,7 @@ import torch
 
 from actors.deepspeed_actor import DeepSpeedActor
 from actors.group import ALL, SCATTER, SHARDS, dispatch
-from actors.logprobs import Sequence, build_inputs, by_sequence
+from actors.logprobs import Sequence, build_inputs, by_sequence, per_response_token
 from actors.runtime import DTYPES, load_tokenizer
 from orchestrator.batches import RolloutBatch
 from orchestrator.rl_losses import value_loss
@@ -79,16 +79,11 @@ class Critic(DeepSpeedActor):
         return sum(p.numel() for p in model.parameters())
 
     @dispatch(SCATTER)
-    @torch.no_grad()
     def values(self, sequences: list[Sequence]) -> list[list[float]]:
         """Per-response-token values of each (prompt, response)."""
         self.engine.eval()
-        out, micro = [], self.cfg.train.micro_batch_size
-        for start in range(0, len(sequences), micro):
-            chunk = sequences[start:start + micro]
-            flat = token_values(self.engine, build_inputs(chunk, self.cfg.train.pack, self.pad_id))
-            out += [t.tolist() for t in flat.split([len(r) for _, r in chunk])]
-        return out
+        return per_response_token(self.engine, sequences, self.cfg.train.micro_batch_size,
+                                  self.cfg.train.pack, self.pad_id, token_values)
 
     @dispatch(SHARDS)
     def critic_step(self, batch: RolloutBatch) -> dict:

@@ -133,16 +133,23 @@ def by_sequence(flat: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
 
 
 @torch.no_grad()
-def response_logprobs(model, seqs: list[Sequence], micro_batch: int, pack: bool,
-                      pad_id: int = 0) -> list[list[float]]:
-    """Per-token log-probs of each sequence's response tokens, without gradients."""
+def per_response_token(model, seqs: list[Sequence], micro_batch: int, pack: bool, pad_id: int,
+                       values) -> list[list[float]]:
+    """``values(model, inputs)`` (flat, in sequence order) per response token of each
+    sequence, a micro-batch at a time, without gradients."""
     out = []
     for start in range(0, len(seqs), micro_batch):
         chunk = seqs[start:start + micro_batch]
-        inputs = build_inputs(chunk, pack, pad_id)
-        flat = by_sequence(token_logprobs(model, inputs), inputs)
+        flat = values(model, build_inputs(chunk, pack, pad_id))
         out += [t.tolist() for t in flat.split([len(r) for _, r in chunk])]
     return out
+
+
+def response_logprobs(model, seqs: list[Sequence], micro_batch: int, pack: bool,
+                      pad_id: int = 0) -> list[list[float]]:
+    """Per-token log-probs of each sequence's response tokens, without gradients."""
+    return per_response_token(model, seqs, micro_batch, pack, pad_id,
+                              lambda m, inputs: by_sequence(token_logprobs(m, inputs), inputs))
 
 
 def sequence_logprobs(model, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -108,14 +108,15 @@ def resume_dir(spec: str, ckpts: CheckpointManager) -> Path | None:
     return path
 
 
-def save_run(ckpts: CheckpointManager, trainables: list, step: int, sampler, before: dict) -> Path:
+def save_run(ckpts: CheckpointManager, trainables: list, step: int, sampler_state: dict,
+             before: dict) -> Path:
     """Everything a run needs to continue: the state of each trainable group (policy, critic:
     model, optimizer, scheduler, RNG, HF model dir) and the driver's (step, sampler position,
     first eval)."""
     tmp = ckpts.begin(step)
     for group in trainables:
         group.run("save", str(tmp), ckpts.remote(tmp))
-    return ckpts.commit(tmp, step, {"step": step, "sampler": sampler.state_dict(),
+    return ckpts.commit(tmp, step, {"step": step, "sampler": sampler_state,
                                     "before": before})
 
 

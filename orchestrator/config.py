@@ -54,6 +54,13 @@ class DataConfig:
     rejected_key: str = param("rejected", "column holding the dispreferred response")
 
 
+def colocation(*hosts: str):
+    """The ``colocate_with`` key of a role that may share the bundles of one of ``hosts``."""
+    return param(None, f"share the placement bundles (same nodes and devices) of the "
+                       f"{' or the '.join(hosts)} instead of a placement group of its own",
+                 choices=hosts)
+
+
 @dataclass
 class RoleConfig:
     actors: int = param(1, "data-parallel replicas of this role", ge=1)
@@ -73,18 +80,14 @@ class CriticConfig(PolicyConfig):
                                             "1-label reward model dir; none: the policy's model.path")
     lr: float = param(1e-5, "critic's peak learning rate (schedule and AdamW settings from optim)",
                       gt=0, le=1)
-    colocate_with: Optional[str] = param(None, "share the policy's placement bundles (same nodes "
-                                               "and devices) instead of a placement group of its own",
-                                         choices=("policy",))
+    colocate_with: Optional[str] = colocation("policy")
 
 
 @dataclass
 class ReferenceConfig(RoleConfig):
     precompute: bool = param(True, "score the whole dataset once before training "
                                    "instead of every batch")
-    colocate_with: Optional[str] = param(None, "share the policy's placement bundles (same nodes "
-                                               "and devices) instead of a placement group of its own",
-                                         choices=("policy",))
+    colocate_with: Optional[str] = colocation("policy")
 
 
 @dataclass
@@ -116,6 +119,10 @@ class WeightSyncConfig:
                                     "for the others", gt=0)
     every: int = param(1, "sync the engines after every N optimizer steps", ge=1)
 
+    @property
+    def bucket_bytes(self) -> int:
+        return int(self.bucket_mb * (1 << 20))
+
 
 @dataclass
 class RewardConfig(RoleConfig):
@@ -127,9 +134,7 @@ class RewardConfig(RoleConfig):
     timeout_s: float = param(10.0, "kind http: seconds per attempt", gt=0)
     retries: int = param(3, "kind http: attempts after the first", ge=0)
     micro_batch: int = param(16, "model: sequences per forward; http: samples per request", ge=1)
-    colocate_with: Optional[str] = param(None, "share the placement bundles (same nodes and "
-                                               "devices) of the critic (PPO) or the policy",
-                                         choices=("critic", "policy"))
+    colocate_with: Optional[str] = colocation("critic", "policy")
 
 
 @dataclass

@@ -127,7 +127,7 @@ def _train(cfg, roles, data, tokenizer, reward_fn, ckpts, resume) -> TrainResult
     timer = PhaseTimer()
 
     def save(step: int) -> Path:
-        ckpt = save_run(ckpts, [policy], step, sampler, before)
+        ckpt = save_run(ckpts, [policy], step, sampler.state_dict(), before)
         metrics.sync()
         return ckpt
 

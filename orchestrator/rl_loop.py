@@ -49,16 +49,6 @@ def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor
         values=values, gamma=rl.gamma, lam=rl.lam, whiten=rl.whiten, scale_by_std=rl.scale_by_std)
 
 
-class _SamplerAt:
-    """A sampler state to checkpoint in place of the live sampler."""
-
-    def __init__(self, state: dict):
-        self.state = state
-
-    def state_dict(self) -> dict:
-        return self.state
-
-
 def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
     storage = storage or RunStorage(cfg.run_dir)
     run_dir = storage.local_dir
@@ -80,7 +70,7 @@ def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
 
 def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) -> TrainResult:
     rl, run_dir = cfg.rl, ckpts.storage.local_dir
-    bucket_bytes = int(cfg.weight_sync.bucket_mb * (1 << 20))
+    bucket_bytes = cfg.weight_sync.bucket_bytes
     sampler = ResumableSampler(len(prompts), cfg.train.seed)
     start, before = 0, None
     if resume is not None:
@@ -108,7 +98,6 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
                 "eval/response_tokens": mean(len(s.response_ids) for s in samples)}
 
     # pre-update log-probs need their own forward pass unless the update is exactly on-policy
-    # (one epoch, one optimizer step per rollout) and no KL penalty enters the rewards
     # (one epoch, one optimizer step per rollout) and no KL penalty enters the rewards; with
     # async rollouts the engine's own log-probs are the old policy's (it sampled one step behind)
     rollout_size = rl.prompts_per_step * rl.group_size
@@ -148,14 +137,14 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
             rewards = torch.tensor(score(batch_prompts, samples))
             ref_lp = roles.reference.gather("token_logprobs", ref_refs)
             old_lp = roles.policy.gather("token_logprobs", old_refs)[:len(seqs)] if needs_old else None
-            values_lp = roles.critic.gather("values", value_refs)[:len(seqs)] if roles.critic else None
+            value_rows = roles.critic.gather("values", value_refs)[:len(seqs)] if roles.critic else None
         with timer.phase("other"):
             mask = pad_tokens([[1.0] * len(r) for _, r in seqs])
             width = mask.shape[1]
             ref = pad_tokens(ref_lp, width)
             engine_lp = pad_tokens([s.logprobs for s in samples], width)
             old = pad_tokens(old_lp, width) if needs_old else engine_lp if rl.async_rollout else None
-            values = pad_tokens(values_lp, width) if roles.critic else None
+            values = pad_tokens(value_rows, width) if roles.critic else None
             kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if old is not None else None
             adv, returns = _advantages(cfg, rewards, mask.bool(), kl, values)
             batch = RolloutBatch(seqs, mask, adv, old, ref, engine_lp, values, returns)
@@ -186,7 +175,7 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
             # async: the next step's prompts are drawn already; the checkpoint keeps the sampler
             # as it was before that draw, so a resume draws them again
             last_ckpt = save_run(ckpts, roles.trainables, step,
-                                 _SamplerAt(pending[2]) if pending else sampler, before)
+                                 pending[2] if pending else sampler.state_dict(), before)
             metrics.sync()
     bar.close()
     steps = cfg.train.max_steps
@@ -196,7 +185,7 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
     metrics.log(steps, {f"final/{k}": v for k, v in after.items()})
     metrics.close()
     if last_ckpt is None or not last_ckpt.name.endswith(f"{steps:07d}"):
-        last_ckpt = save_run(ckpts, roles.trainables, steps, sampler, before)
+        last_ckpt = save_run(ckpts, roles.trainables, steps, sampler.state_dict(), before)
     result = TrainResult(run_dir, steps, last_ckpt, last_ckpt / "model", before, after, data_notes,
                          resume)
     log.info("%s", result.summary())

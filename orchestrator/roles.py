@@ -200,7 +200,7 @@ class RLRoles:
             setup_trainers(*self.trainables)
             ray.get([a.ready.remote() for g in (self.reference, self.reward) for a in g.actors])
             connect_sync(self.policy, self.rollout, cfg.weight_sync.timeout_s,
-                         backend_for(cfg.rollout.gpus), int(cfg.weight_sync.bucket_mb * (1 << 20)))
+                         backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
         except BaseException:
             self.shutdown()
             raise
