@@ -142,22 +142,18 @@ class RolloutEngine:
         from vllm.inputs import TokensPrompt
         sp = Sampling.from_dict(sampling)
         prompts, skipped = self._fit_prompts([list(p) for p in prompts])
-        # with a seed, each of the n samples is its own request with its own seed: vLLM would
-        # give the n children of one seeded request the same random stream
-        copies = sp.n if sp.seed is not None else 1
 
-        def params(i: int, k: int) -> SamplingParams:
+        def params(i: int) -> SamplingParams:
+            # vLLM seeds the k-th of a request's n samples with seed + k
             return SamplingParams(
-                n=sp.n // copies, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+                n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                 max_tokens=sp.max_new_tokens, stop=list(sp.stop), logprobs=0,
                 detokenize=bool(sp.stop),  # callers decode ids themselves; stop strings need text
-                ignore_eos=sp.ignore_eos, seed=None if sp.seed is None else sp.seed + i * copies + k)
-        todo = [(i, k) for i in range(len(prompts)) if i not in skipped for k in range(copies)]
-        results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i, _ in todo],
-                                    [params(i, k) for i, k in todo], use_tqdm=False) if todo else []
-        outputs: dict[int, list] = {}
-        for (i, _), out in zip(todo, results):
-            outputs.setdefault(i, []).extend(out.outputs)
+                ignore_eos=sp.ignore_eos, seed=None if sp.seed is None else sp.seed + i * sp.n)
+        todo = [i for i in range(len(prompts)) if i not in skipped]
+        results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in todo],
+                                    [params(i) for i in todo], use_tqdm=False) if todo else []
+        outputs = {i: out.outputs for i, out in zip(todo, results)}
         samples = []
         for i, prompt in enumerate(prompts):
             if i in skipped:  # kept in place so results still line up with the prompts

@@ -1,43 +1,52 @@
-"""GRPO step time: rayalign's RL loop by phase, and against TRL's GRPOTrainer, one run.
+"""GRPO step time and time to reward: rayalign's RL loop (on-policy and async) against TRL's
+GRPOTrainer, one run.
 
 Builds (or reuses) a ``--size`` Llama (``orchestrator.tiny_model.build_model``, "tiny" by
 default) and the synthetic task's prompts (``orchestrator.synthetic.write_dataset``; the
 ``prompt`` column of train.jsonl, ``steps * 8`` rows, so each system sees every prompt once)
-in ``--out``, then runs GRPO twice, one after the other in this process:
+in ``--out``, then runs GRPO up to three times, one after the other in this process:
 
-* rayalign: ``orchestrator.train`` with an embedded local Ray (3 logical CPUs on the 2 cores),
-  set up like ``configs/grpo-tiny.yaml``: 1 policy actor (1 CPU, ZeRO-0), 1 reference actor
-  (0.5 CPU), 1 reward actor (0.5 CPU, ``orchestrator.synthetic:reward``), 1 vLLM rollout
-  engine (1 CPU, 0.25 GiB KV cache, max_model_len 256); weights synced to the engine after
-  every optimizer step.
+* rayalign, on-policy (``rl.async_rollout: false``, the default loop) and async
+  (``rl.async_rollout: true``: the engine samples the next step while this one scores, trains
+  and syncs): ``orchestrator.train`` with an embedded local Ray, set up like
+  ``configs/grpo-tiny.yaml``: 1 policy actor (ZeRO-0; ``--policy-cpus`` torch threads, by
+  default 2 on-policy, where the engine and the trainer take turns on the 2 cores, and 1 async,
+  where they run at the same time), 1 reference actor (0.5 CPU), 1 reward actor (0.5 CPU,
+  ``orchestrator.synthetic:reward``), 1 vLLM rollout engine (1 CPU, 0.25 GiB KV cache,
+  max_model_len 256); weights synced to the engine after every optimizer step.
 * TRL: ``trl.GRPOTrainer`` on CPU in this process with 2 torch threads, generation with
   Hugging Face ``generate`` (no vLLM), the reference model a separate copy (beta > 0).
 
-Both: 8 prompts x 8 completions (64 samples) per optimizer step, at most 16 new tokens,
+All: 8 prompts x 8 completions (64 samples) per optimizer step, at most 16 new tokens,
 temperature 1, no top-k/top-p cut, the same reward (``orchestrator.synthetic.reward`` on the
 decoded completion), the same chat template, group-normalised advantages (mean and std),
 ratio clip 0.2, KL to the reference as a loss term with coefficient 0.01 (k3), lr 2e-3
 constant, grad clip 1.0, float32, no gradient checkpointing, 2 micro-batches of 32 per step
 (one optimizer step per generation batch), one pass over each batch.
 
-Timing, with the first ``--warmup-steps`` steps left out on both sides:
+Throughput, with the first ``--warmup-steps`` steps left out on every side:
 
 * rayalign: ``timing/*`` of each step row of ``run_dir/metrics.jsonl`` (driver wall time):
-  ``generate`` (rollout engine), ``score`` (reward scoring with the reference and policy
-  log-probs computed at the same time), ``train`` (policy update), ``sync`` (weights to the
-  engine), ``other`` (advantages and batch assembly on the driver) and ``step`` (all of it).
-  Orchestration = step - (generate + score + train + sync): the driver's own work (``other``,
-  sampling prompts, building the metrics row) and whatever the Ray calls add around the work
-  the actors time; target: at most 10% of step time.
+  ``generate`` (waiting for the rollout engine; async: for the batch started a step earlier),
+  ``score`` (reward scoring with the reference log-probs computed at the same time), ``train``
+  (policy update), ``sync`` (weights to the engine), ``other`` (advantages and batch assembly
+  on the driver) and ``step`` (all of it). Orchestration = step - (generate + score + train +
+  sync): the driver's own work (``other``, sampling prompts, building the metrics row) and
+  whatever the Ray calls add around the work the actors time; target: at most 10% of step time.
 * TRL: ``on_step_begin`` to ``on_step_end`` of a ``TrainerCallback`` (generation, reward,
   reference log-probs, forward/backward, optimizer step).
 
 samples/s = 64 / median step time.
 
-Run from the repository root (about 1.5 minutes on 2 cores, most of it rayalign's start-up)::
+Time to reward, every step counted: the sum of step times until the training reward (mean
+reward of a step's 64 samples), averaged over 3 consecutive steps, first reaches
+``--reward-target``. It folds throughput and learning per step into one figure: async steps
+are shorter, but learn from samples one update old.
 
-    .venv/bin/python benchmarks/rl_step.py                  # tiny model, 15 steps, 2 warm-up
-    .venv/bin/python benchmarks/rl_step.py --size small --steps 20
+Run from the repository root (about 4 minutes on 2 cores, much of it rayalign's start-ups)::
+
+    .venv/bin/python benchmarks/rl_step.py                        # both modes and TRL, 40 steps
+    .venv/bin/python benchmarks/rl_step.py --modes async --steps 15 --reward-target 0.1
 """
 from __future__ import annotations
 
@@ -63,25 +72,36 @@ MAX_NEW_TOKENS = 16
 LR, KL_COEF = 2e-3, 0.01
 PHASES = ("generate", "score", "train", "sync")   # work; the rest of a step is orchestration
 ORCH_TARGET = 0.10
+MODES = ("on-policy", "async")
+REWARD_WINDOW = 3                # steps averaged for the time-to-reward threshold
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", default="tiny", help="tiny_model size (tiny, small, base)")
-    p.add_argument("--steps", type=int, default=15, help="optimizer steps per system")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per system")
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="first steps left out of the timing on both sides")
     p.add_argument("--eval-prompts", type=int, default=16,
                    help="held-out prompts for rayalign's eval/reward before and after")
     p.add_argument("--out", default="runs/bench/rl", help="work dir: model, data, run dirs, results")
     p.add_argument("--skip-trl", action="store_true", help="run rayalign only")
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="rayalign loops to run, comma-separated: on-policy, async")
+    p.add_argument("--reward-target", type=float, default=0.5,
+                   help=f"training reward ({REWARD_WINDOW}-step mean) whose first crossing "
+                        "times each system")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override of rayalign's config, e.g. rollout.enforce_eager=false")
-    p.add_argument("--policy-cpus", type=int, default=2,
-                   help="rayalign policy CPUs (torch threads); the engine and the trainer take "
-                        "turns, so each may use both cores")
+    p.add_argument("--policy-cpus", type=int, default=None,
+                   help="rayalign policy CPUs (torch threads); default 2 on-policy (the engine "
+                        "and the trainer take turns, so each may use both cores), 1 async (they "
+                        "run at the same time)")
     args = p.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not args.modes or any(m not in MODES for m in args.modes):
+        p.error(f"--modes: a comma-separated subset of {', '.join(MODES)}")
     if args.steps < 1 or args.eval_prompts < 1:
         p.error("--steps and --eval-prompts must be at least 1")
     if not 0 <= args.warmup_steps < args.steps:
@@ -118,33 +138,49 @@ def _med(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def time_to_reward(step_s: list[float], rewards: list, target: float) -> dict:
+    """Seconds (sum of step times) and steps until the REWARD_WINDOW-step mean of the
+    training reward first reaches target; None for both when it never does."""
+    elapsed = 0.0
+    for i, s in enumerate(step_s):
+        elapsed += s
+        window = rewards[max(0, i + 1 - REWARD_WINDOW):i + 1]
+        if (i + 1 >= REWARD_WINDOW and all(isinstance(r, (int, float)) for r in window)
+                and statistics.mean(window) >= target):
+            return {"seconds": elapsed, "steps": i + 1}
+    return {"seconds": None, "steps": None}
+
+
 # ---- rayalign --------------------------------------------------------------------------------
-def run_rayalign(args, model_dir: Path, paths: dict[str, Path]) -> dict:
+def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str) -> dict:
     from orchestrator import RunConfig, train
 
-    run_dir = Path(args.out) / "rayalign"
+    run_dir = Path(args.out) / f"rayalign-{mode}"
     shutil.rmtree(run_dir, ignore_errors=True)   # a fresh run: no old metrics lines
+    policy_cpus = args.policy_cpus or (1 if mode == "async" else 2)
     cfg = RunConfig.from_dict({
         "algorithm": "grpo",
         "run_dir": str(run_dir),
         "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
         "data": {"train": str(paths["train"]), "eval": str(paths["eval"]), "max_length": 128},
-        "policy": {"actors": 1, "cpus": args.policy_cpus, "zero_stage": 0, "gradient_checkpointing": False},
+        "policy": {"actors": 1, "cpus": policy_cpus, "zero_stage": 0, "gradient_checkpointing": False},
         "reference": {"actors": 1, "cpus": 0.5},
         "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
                    "function": "orchestrator.synthetic:reward"},
         "rollout": {"actors": 1, "cpus": 1, "kv_cache_gib": 0.25, "max_model_len": 256},
         "rl": {"prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
-               "max_new_tokens": MAX_NEW_TOKENS, "kl_coef": KL_COEF},
+               "max_new_tokens": MAX_NEW_TOKENS, "kl_coef": KL_COEF,
+               "async_rollout": mode == "async"},
         "optim": {"lr": LR, "warmup_steps": 0, "schedule": "constant", "grad_clip": 1.0},
         "train": {"batch_size": SAMPLES_PER_STEP, "micro_batch_size": MICRO_BATCH,
                   "max_steps": args.steps, "seed": 0},
         "eval": {"num_prompts": args.eval_prompts},
-        "cluster": {"num_cpus": 2 + args.policy_cpus},
+        "cluster": {"num_cpus": 2 + policy_cpus},
         "log": {"progress_bar": False, "tensorboard": False},
     }, args.set)
-    log.info("rayalign: GRPO, %d steps; policy 1 x 1 CPU (ZeRO-0), reference 0.5, reward 0.5, "
-             "rollout 1 vLLM engine x 1 CPU; embedded Ray with 3 logical CPUs", args.steps)
+    log.info("rayalign %s: GRPO, %d steps; policy 1 x %d CPU (ZeRO-0), reference 0.5, reward "
+             "0.5, rollout 1 vLLM engine x 1 CPU; embedded Ray with %d logical CPUs", mode,
+             args.steps, policy_cpus, 2 + policy_cpus)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     result = train(cfg)
@@ -166,7 +202,9 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path]) -> dict:
               for k in phase_keys}
     phases["orchestration"] = {"median_s": _med(orch_s), "mean_s": statistics.mean(orch_s)}
     phases["step"] = {"median_s": _med(step_s), "mean_s": statistics.mean(step_s)}
+    rewards = [r.get("reward/mean") for r in steps]
     out = {
+        "mode": mode, "policy_cpus": policy_cpus,
         "median_step_s": _med(step_s),
         "samples_per_s": SAMPLES_PER_STEP / _med(step_s),
         "samples_per_s_mean": SAMPLES_PER_STEP * len(step_s) / sum(step_s),
@@ -177,12 +215,13 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path]) -> dict:
         "step_s": [round(r["timing/step"], 4) for r in steps],
         "reward_per_step": [round(r.get("reward/mean", float("nan")), 4) for r in steps],
         "length_per_step": [round(r.get("response/length", float("nan")), 2) for r in steps],
+        "to_reward": time_to_reward([r["timing/step"] for r in steps], rewards, args.reward_target),
         "eval_reward_before": result.before.get("eval/reward"),
         "eval_reward_after": result.after.get("eval/reward"),
         "train_call_s": wall, "load_avg_before": load_before, "load_avg": load_after,
     }
-    log.info("rayalign: median step %.3fs (%.1f samples/s), orchestration %.1f%% of step time; "
-             "train() %.1fs in all", out["median_step_s"], out["samples_per_s"],
+    log.info("rayalign %s: median step %.3fs (%.1f samples/s), orchestration %.1f%% of step "
+             "time; train() %.1fs in all", mode, out["median_step_s"], out["samples_per_s"],
              100 * out["orchestration_share"], wall)
     return out
 
@@ -303,6 +342,7 @@ def run_trl(args, model_dir: Path, prompts: list[str]) -> dict:
         "step_s": [round(s, 4) for s in all_s],
         "reward_per_step": [round(timer.reward[s], 4) if s in timer.reward else None for s in done],
         "length_per_step": [round(timer.length[s], 2) if s in timer.length else None for s in done],
+        "to_reward": time_to_reward(all_s, [timer.reward.get(s) for s in done], args.reward_target),
         "train_call_s": wall, "load_avg_before": load_before, "load_avg": load_after,
         "settings": {k: str(v) for k, v in settings.items()},
     }
@@ -324,7 +364,11 @@ def _ends(xs: list, k: int = 3) -> tuple:
     return statistics.mean(xs[:k]), statistics.mean(xs[-k:])
 
 
-def report(args, n_params: int, ray_res: dict, trl_res: dict | None) -> str:
+def _secs(t: dict) -> str:
+    return f"{t['seconds']:.1f} s (step {t['steps']})" if t["seconds"] is not None else "not reached"
+
+
+def report(args, n_params: int, runs: dict[str, dict], trl_res: dict | None) -> str:
     import torch
     import transformers
     import trl
@@ -332,49 +376,63 @@ def report(args, n_params: int, ray_res: dict, trl_res: dict | None) -> str:
     w = args.warmup_steps
     lines = ["", (f"## GRPO step throughput, steps {w + 1}-{args.steps} (first {w} not timed), "
                  f"{PROMPTS_PER_STEP} prompts x {GROUP_SIZE} completions per step"), "",
-             "| system | median step s | samples/s (median) | samples/s (mean) |",
-             "|---|---:|---:|---:|",
-             (f"| rayalign (Ray: vLLM rollout, policy ZeRO-0, reference, reward actors) | "
-             f"{ray_res['median_step_s']:.3f} | {ray_res['samples_per_s']:.1f} | "
-             f"{ray_res['samples_per_s_mean']:.1f} |")]
+             "| system | median step s | samples/s (median) | samples/s (mean) | ratio to TRL "
+             "(median; mean) |", "|---|---:|---:|---:|---:|"]
+    for mode, res in runs.items():
+        ratio = "n/a"
+        if trl_res is not None:
+            ratio = (f"**{res['samples_per_s'] / trl_res['samples_per_s']:.2f}x**; "
+                     f"{res['samples_per_s_mean'] / trl_res['samples_per_s_mean']:.2f}x")
+        lines.append(f"| rayalign {mode} (Ray: vLLM rollout, policy ZeRO-0 x {res['policy_cpus']} "
+                     f"CPU, reference, reward) | {res['median_step_s']:.3f} | "
+                     f"{res['samples_per_s']:.1f} | {res['samples_per_s_mean']:.1f} | {ratio} |")
     if trl_res is not None:
         lines.append(f"| TRL GRPOTrainer {trl.__version__} (HF generate, in-process) | "
                      f"{trl_res['median_step_s']:.3f} | {trl_res['samples_per_s']:.1f} | "
-                     f"{trl_res['samples_per_s_mean']:.1f} |")
-        ratio = ray_res["samples_per_s"] / trl_res["samples_per_s"]
-        lines += ["", (f"**ratio rayalign / TRL: {ratio:.2f}x** (target >= 1x; by mean step time "
-                      f"{ray_res['samples_per_s_mean'] / trl_res['samples_per_s_mean']:.2f}x)")]
-    ph = ray_res["phases"]
-    med_step = ph["step"]["median_s"]
-    mean_step = ph["step"]["mean_s"]
-    lines += ["", "### rayalign per phase (timed steps)", "",
-              "| phase | median ms | mean ms | share of mean step |", "|---|---:|---:|---:|"]
-    order = [k for k in PHASES if k in ph] + [k for k in ph if k not in PHASES
-                                               and k not in ("orchestration", "step")]
+                     f"{trl_res['samples_per_s_mean']:.1f} | 1x |")
+        lines += ["", "Target: ratio >= 1x."]
+
+    names = {"score": "score (reward + reference/policy log-probs)",
+             "other": "other (driver: advantages, batch; part of orchestration)",
+             "orchestration": "**orchestration** = step - (generate+score+train+sync)"}
+    first = next(iter(runs.values()))["phases"]
+    order = [k for k in PHASES if k in first] + [k for k in first if k not in PHASES
+                                                  and k not in ("orchestration", "step")]
+    lines += ["", "### rayalign per phase (timed steps; median ms, share of the mean step)", "",
+              "| phase | " + " | ".join(runs) + " |", "|---|" + "---:|" * len(runs)]
     for k in order + ["orchestration", "step"]:
-        name = {"score": "score (reward + reference/policy log-probs)",
-                "other": "other (driver: advantages, batch; part of orchestration)",
-                "orchestration": "**orchestration** = step - (generate+score+train+sync)",
-                }.get(k, k)
-        lines.append(f"| {name} | {ph[k]['median_s'] * 1000:.0f} | {ph[k]['mean_s'] * 1000:.0f} | "
-                     f"{100 * ph[k]['mean_s'] / mean_step:.1f}% |")
-    share = ray_res["orchestration_share"]
-    lines += ["", (f"**orchestration share: {100 * share:.1f}%** of step time (sum over timed "
-                  f"steps; median of per-step shares {100 * ray_res['orchestration_share_median']:.1f}%;"
-                  f" target <= {100 * ORCH_TARGET:.0f}%: {'met' if share <= ORCH_TARGET else 'NOT met'})."
-                  f" Median step {med_step * 1000:.0f} ms.")]
-    rb, ra = ray_res["eval_reward_before"], ray_res["eval_reward_after"]
-    r0, r1 = _ends(ray_res["reward_per_step"])
-    lines += ["", "### reward", "", "| system | first 3 steps | last 3 steps | held-out before -> after |",
-              "|---|---:|---:|---:|",
-              f"| rayalign | {_fmt(r0)} | {_fmt(r1)} | {_fmt(rb)} -> {_fmt(ra)} |"]
+        cells = [f"{res['phases'][k]['median_s'] * 1000:.0f} "
+                 f"({100 * res['phases'][k]['mean_s'] / res['phases']['step']['mean_s']:.1f}%)"
+                 if k in res["phases"] else "n/a" for res in runs.values()]
+        lines.append(f"| {names.get(k, k)} | " + " | ".join(cells) + " |")
+    for mode, res in runs.items():
+        share = res["orchestration_share"]
+        lines.append(f"\n**{mode}: orchestration {100 * share:.1f}%** of step time (sum over "
+                     f"timed steps; median of per-step shares "
+                     f"{100 * res['orchestration_share_median']:.1f}%; target <= "
+                     f"{100 * ORCH_TARGET:.0f}%: {'met' if share <= ORCH_TARGET else 'NOT met'}).")
+
+    target = args.reward_target
+    lines += ["", "### reward", "",
+              f"| system | first 3 steps | last 3 steps | held-out before -> after | time to "
+              f"training reward {target:g} | TRL's time / this |", "|---|---:|---:|---:|---:|---:|"]
+    trl_t = trl_res["to_reward"]["seconds"] if trl_res is not None else None
+    for mode, res in runs.items():
+        r0, r1 = _ends(res["reward_per_step"])
+        mine = res["to_reward"]["seconds"]
+        speed = f"**{trl_t / mine:.2f}x**" if trl_t and mine else "n/a"
+        lines.append(f"| rayalign {mode} | {_fmt(r0)} | {_fmt(r1)} | "
+                     f"{_fmt(res['eval_reward_before'])} -> {_fmt(res['eval_reward_after'])} | "
+                     f"{_secs(res['to_reward'])} | {speed} |")
     if trl_res is not None:
         t0, t1 = _ends(trl_res["reward_per_step"])
-        lines.append(f"| TRL | {_fmt(t0)} | {_fmt(t1)} | n/a |")
+        lines.append(f"| TRL | {_fmt(t0)} | {_fmt(t1)} | n/a | {_secs(trl_res['to_reward'])} | 1x |")
     lines += ["", ("Training reward = mean reward of the step's 64 samples (rayalign "
                   "`reward/mean`, TRL's logged `reward`); held-out = rayalign's `eval/reward`, "
-                  f"one sample for each of {args.eval_prompts} eval prompts.")]
-    loads = f"rayalign {ray_res['load_avg'][0]:.2f}"
+                  f"one sample for each of {args.eval_prompts} eval prompts. Time to reward = "
+                  f"sum of all step times until the {REWARD_WINDOW}-step mean of the training "
+                  f"reward first reaches {target:g} (start-up not counted on either side).")]
+    loads = ", ".join(f"rayalign {m} {r['load_avg'][0]:.2f}" for m, r in runs.items())
     if trl_res is not None:
         loads += f", TRL {trl_res['load_avg'][0]:.2f}"
     lines += ["", (f"Settings: model {args.size} Llama, {n_params / 1e6:.2f}M parameters, float32, "
@@ -393,13 +451,13 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     model_dir, paths, prompts, n_params = prepare(args)
-    ray_res = run_rayalign(args, model_dir, paths)
+    runs = {mode: run_rayalign(args, model_dir, paths, mode) for mode in args.modes}
     trl_res = None if args.skip_trl else run_trl(args, model_dir, prompts)
 
-    print(report(args, n_params, ray_res, trl_res), flush=True)
-    results = {"args": vars(args), "model_params": n_params, "rayalign": ray_res, "trl": trl_res}
+    print(report(args, n_params, runs, trl_res), flush=True)
+    results = {"args": vars(args), "model_params": n_params, "rayalign": runs, "trl": trl_res}
     if trl_res is not None:
-        results["ratio"] = ray_res["samples_per_s"] / trl_res["samples_per_s"]
+        results["ratio"] = {m: r["samples_per_s"] / trl_res["samples_per_s"] for m, r in runs.items()}
     res_path = Path(args.out) / "results.json"
     res_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     log.info("results written to %s", res_path)

@@ -8,8 +8,8 @@ from orchestrator.schema import ConfigError
 
 
 def train(cfg):
-    """Run training as ``cfg`` says; see :func:`orchestrator.train.train`."""
-    from orchestrator.train import train as _train
+    """Run training as ``cfg`` says; see :func:`orchestrator.run.train`."""
+    from orchestrator.run import train as _train
     return _train(cfg)
 
 

@@ -78,7 +78,7 @@ def _run(args) -> int:
             log.info("%s: valid", args.config)
             return 0
         logging.getLogger().setLevel(cfg.log.level)
-        from orchestrator.train import train
+        from orchestrator.run import train
         train(cfg)
         return 0
     if args.command == "generate":

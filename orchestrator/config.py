@@ -163,8 +163,8 @@ class RLConfig:
                                              "values; none is off", gt=0)
     scale_by_std: bool = param(True, "GRPO: divide by the group's reward std")
     async_rollout: bool = param(False, "generate the next step's samples while this step scores "
-                                       "and trains: the engines sample one update behind and their "
-                                       "log-probs serve as the old policy's")
+                                       "and trains: the engines sample one update behind (set "
+                                       "tis_cap to weight tokens for that lag)")
     tis_cap: Optional[float] = param(None, "cap of the truncated importance weight between the "
                                            "engine's and the trainer's log-probs; none is off", gt=0)
 

@@ -6,14 +6,19 @@
             -> policy => rollout weight sync
 
 The algorithm only picks the advantage estimator (orchestrator/advantages.py) and whether a
-critic takes part; everything else is this one loop.
+critic takes part; everything else is this one loop. With ``rl.async_rollout`` the engines
+generate step k+1's batch while step k trains (one update behind), and its scoring starts as
+soon as it is in, before step k's weight sync.
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 from statistics import mean
 
+import ray
 import torch
 from tqdm import tqdm
 
@@ -39,6 +44,19 @@ log = logging.getLogger(__name__)
 ESTIMATOR = {"ppo": "gae"}  # algorithms whose advantage estimator has another name
 
 
+@dataclass
+class Rollout:
+    """One step's batch on its way through generation and scoring."""
+    prompts: list                  # the drawn prompts (orchestrator.data prompt records)
+    sampler_state: dict            # the sampler before they were drawn
+    generating: list               # the rollout group's call refs
+    samples: list | None = None    # RolloutSample per response, once generated
+    scoring: dict | None = None    # call refs of reward, reference, old log-probs and values
+
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        return [(s.prompt_ids, s.response_ids) for s in self.samples]
+
+
 def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None,
                 values: torch.Tensor | None):
     rl = cfg.rl
@@ -47,6 +65,32 @@ def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor
         ESTIMATOR.get(cfg.algorithm, cfg.algorithm), rewards=rewards, mask=mask,
         group_size=rl.group_size, token_rewards=token_rewards(rewards, mask, kl, penalty),
         values=values, gamma=rl.gamma, lam=rl.lam, whiten=rl.whiten, scale_by_std=rl.scale_by_std)
+
+
+def _first_done(*calls: list) -> int:
+    """Block until every ref of one of ``calls`` is ready; the index of that call."""
+    pending = [ref for call in calls for ref in call]
+    while True:
+        for i, call in enumerate(calls):
+            ready, _ = ray.wait(call, num_returns=len(call), timeout=0, fetch_local=False)
+            if len(ready) == len(call):
+                return i
+        ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+
+
+def needs_old_logprobs(cfg) -> bool:
+    """Whether a step computes the pre-update policy's log-probs in a forward pass of its own.
+
+    The ratio's old policy is the trainer's policy before this update, also with async
+    rollouts, where the engines sampled with the weights of one update earlier: the ratio still
+    clips around the trainer's policy, and ``rl.tis_cap`` weights each token by
+    min(pi_old / pi_engine, cap) for the lag (the "decoupled" PPO objective). The update's own
+    first forward gives those log-probs when it is one epoch of one optimizer step; a KL
+    penalty in the rewards needs them before the update.
+    """
+    rl = cfg.rl
+    one_step = rl.epochs == 1 and cfg.train.batch_size == rl.prompts_per_step * rl.group_size
+    return not (one_step and (rl.kl_mode == "loss" or rl.kl_coef == 0))
 
 
 def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
@@ -82,38 +126,58 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
     sampling = dict(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                     max_new_tokens=rl.max_new_tokens)
 
-    def score(batch_prompts, samples) -> list[float]:
+    def reward_records(batch_prompts, samples) -> list[RewardSample]:
         per = len(samples) // len(batch_prompts)
         texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        records = [RewardSample(batch_prompts[i // per].prompt_text, t,
-                                batch_prompts[i // per].extra, index=i) for i, t in enumerate(texts)]
-        return roles.reward.run("score", records)
+        return [RewardSample(batch_prompts[i // per].prompt_text, t, batch_prompts[i // per].extra,
+                             index=i) for i, t in enumerate(texts)]
 
     def evaluate(step: int) -> dict:
         if not held_out:
             return {}
         samples = roles.rollout.run("generate", [p.prompt_ids for p in held_out],
                                     dict(sampling, n=1, seed=cfg.train.seed))
-        return {"eval/reward": mean(score(held_out, samples)),
+        return {"eval/reward": mean(roles.reward.run("score", reward_records(held_out, samples))),
                 "eval/response_tokens": mean(len(s.response_ids) for s in samples)}
 
-    # pre-update log-probs need their own forward pass unless the update is exactly on-policy
-    # (one epoch, one optimizer step per rollout) and no KL penalty enters the rewards; with
-    # async rollouts the engine's own log-probs are the old policy's (it sampled one step behind)
-    rollout_size = rl.prompts_per_step * rl.group_size
-    needs_old = not rl.async_rollout and not (rl.epochs == 1 and cfg.train.batch_size == rollout_size
-                                              and (rl.kl_mode == "loss" or rl.kl_coef == 0))
+    needs_old = needs_old_logprobs(cfg)
 
-    def launch(step: int):
+    def launch(step: int) -> Rollout:
         """Draw step's prompts and start generating (seeded per step, so a resumed run samples
-        the same); returns the prompts, the call's refs, and the sampler state before the draw."""
+        the same)."""
         state = sampler.state_dict()
         batch_prompts = [prompts[i] for i in sampler.next_batch(rl.prompts_per_step)]
         refs = roles.rollout.submit("generate", [p.prompt_ids for p in batch_prompts],
                                     dict(sampling, seed=cfg.train.seed + 100_003 * step))
-        return batch_prompts, refs, state
+        return Rollout(batch_prompts, state, refs)
 
-    pending = None  # async: the next step's generation, running while this step trains
+    def start_scoring(ro: Rollout) -> None:
+        """Wait for the samples, then start reward scoring, reference and pre-update policy
+        log-probs and critic values on them, all at once."""
+        ro.samples = roles.rollout.gather("generate", ro.generating)
+        seqs = ro.sequences()
+        ro.scoring = {
+            "reward": roles.reward.submit("score", reward_records(ro.prompts, ro.samples)),
+            "reference": roles.reference.submit("token_logprobs", seqs),
+            "old": (roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
+                    if needs_old else None),
+            "values": (roles.critic.submit("values", pad_to_multiple(seqs, len(roles.critic)))
+                       if roles.critic else None)}
+
+    def scores(ro: Rollout) -> tuple:
+        """(rewards, reference, old and value rows) of a rollout whose scoring has started."""
+        n, calls = len(ro.samples), ro.scoring
+        rewards = torch.tensor(roles.reward.gather("score", calls["reward"]))
+        ref_lp = roles.reference.gather("token_logprobs", calls["reference"])
+        old_lp = roles.policy.gather("token_logprobs", calls["old"])[:n] if needs_old else None
+        value_rows = roles.critic.gather("values", calls["values"])[:n] if roles.critic else None
+        return rewards, ref_lp, old_lp, value_rows
+
+    # With async rollouts the next batch is generated while this one trains (with the weights
+    # of one update earlier), and its scoring starts as soon as it is in. Calls to one actor run
+    # in the order they were made, so its pre-update log-probs and values come from the policy
+    # and critic after this step's update. `ahead` holds the launched rollouts, oldest first.
+    ahead: deque[Rollout] = deque()
     if before is None:
         before = evaluate(0)
         metrics.log(0, before)
@@ -123,27 +187,20 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
     for step in range(start + 1, cfg.train.max_steps + 1):
         t_step = time.perf_counter()
         with timer.phase("generate"):
-            batch_prompts, refs, _ = pending or launch(step)
-            samples = roles.rollout.gather("generate", refs)
-            pending = (launch(step + 1) if rl.async_rollout and step < cfg.train.max_steps
-                       else None)
-        seqs = [(s.prompt_ids, s.response_ids) for s in samples]
-        with timer.phase("score"):  # reference and policy log-probs run while rewards are scored
-            ref_refs = roles.reference.submit("token_logprobs", seqs)
-            old_refs = (roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
-                        if needs_old else None)
-            value_refs = (roles.critic.submit("values", pad_to_multiple(seqs, len(roles.critic)))
-                          if roles.critic else None)
-            rewards = torch.tensor(score(batch_prompts, samples))
-            ref_lp = roles.reference.gather("token_logprobs", ref_refs)
-            old_lp = roles.policy.gather("token_logprobs", old_refs)[:len(seqs)] if needs_old else None
-            value_rows = roles.critic.gather("values", value_refs)[:len(seqs)] if roles.critic else None
+            ro = ahead.popleft() if ahead else launch(step)
+            if ro.scoring is None:
+                start_scoring(ro)
+            if rl.async_rollout and not ahead and step < cfg.train.max_steps:
+                ahead.append(launch(step + 1))  # first step (or first after resume) only
+        with timer.phase("score"):
+            rewards, ref_lp, old_lp, value_rows = scores(ro)
         with timer.phase("other"):
+            seqs = ro.sequences()
             mask = pad_tokens([[1.0] * len(r) for _, r in seqs])
             width = mask.shape[1]
             ref = pad_tokens(ref_lp, width)
-            engine_lp = pad_tokens([s.logprobs for s in samples], width)
-            old = pad_tokens(old_lp, width) if needs_old else engine_lp if rl.async_rollout else None
+            engine_lp = pad_tokens([s.logprobs for s in ro.samples], width)
+            old = pad_tokens(old_lp, width) if needs_old else None
             values = pad_tokens(value_rows, width) if roles.critic else None
             kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if old is not None else None
             adv, returns = _advantages(cfg, rewards, mask.bool(), kl, values)
@@ -152,6 +209,9 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
             refs = roles.policy.submit("rl_step", batch.split(len(roles.policy)))
             critic_refs = (roles.critic.submit("critic_step", batch.split(len(roles.critic)))
                            if roles.critic else None)
+            nxt = ahead[0] if ahead and ahead[0].scoring is None else None
+            if nxt is not None and _first_done(nxt.generating, refs + (critic_refs or [])) == 0:
+                start_scoring(nxt)  # async: the next batch is in first; score it meanwhile
             row = combine_replicas(roles.policy.gather("rl_step", refs), "samples",
                                    same=("grad_norm", "lr"))
             if roles.critic:
@@ -159,10 +219,15 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
                                             "samples", same=("critic_grad_norm",)))
                 row.update({"explained_variance": explained_variance(values, returns, mask),
                             "values/mean": (values * mask).sum().item() / mask.sum().item()})
+        if ahead and ahead[0].scoring is None:
+            with timer.phase("generate"):  # async: the next batch's sampling outlasted the update
+                start_scoring(ahead[0])
         with timer.phase("sync"):
             if step % cfg.weight_sync.every == 0:
                 sync_weights(roles.policy, roles.rollout, bucket_bytes)
-        row["batch/rows"] = [p.row for p in batch_prompts]  # which prompt rows this step used
+        if rl.async_rollout and step + 2 <= cfg.train.max_steps:
+            ahead.append(launch(step + 2))  # sampled with the weights just synced
+        row["batch/rows"] = [p.row for p in ro.prompts]  # which prompt rows this step used
         row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                     "response/length": mask.sum(1).mean().item()})
         row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
@@ -172,10 +237,10 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
         bar.update(1)
         bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.4f}")
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            # async: the next step's prompts are drawn already; the checkpoint keeps the sampler
-            # as it was before that draw, so a resume draws them again
+            # async: later steps' prompts are drawn already; the checkpoint keeps the sampler as
+            # it was before the oldest of those draws, so a resume draws them again
             last_ckpt = save_run(ckpts, roles.trainables, step,
-                                 pending[2] if pending else sampler.state_dict(), before)
+                                 ahead[0].sampler_state if ahead else sampler.state_dict(), before)
             metrics.sync()
     bar.close()
     steps = cfg.train.max_steps

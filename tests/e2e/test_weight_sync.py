@@ -139,6 +139,8 @@ def test_sync_makes_engines_score_like_the_trainer(roles):
     assert [s.prompt_ids for s in samples] == [p for p in prompts for _ in range(2)]
     assert all(s.finish_reason in ("stop", "length") for s in samples)
     assert all(len(s.logprobs) == len(s.response_ids) > 0 for s in samples)
+    # each of a prompt's seeded samples has a seed of its own (vLLM: the request's seed + k)
+    assert any(a.response_ids != b.response_ids for a, b in zip(samples[::2], samples[1::2]))
     scored = trainer.run("logprobs", [(s.prompt_ids, s.response_ids) for s in samples])[0]
     assert _max_diff([s.logprobs for s in samples], scored) < 1e-3
 

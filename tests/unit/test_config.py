@@ -296,3 +296,14 @@ def test_cli_schema(capsys):
     assert main(["schema"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == schema_lines()
+
+
+def test_public_train_stays_a_function_after_a_run_imports_the_loops():
+    # the module behind train() must not share its name: importing it would replace the
+    # package attribute, and a second `from orchestrator import train` would get a module
+    import importlib
+
+    import orchestrator
+    importlib.import_module("orchestrator.run")
+    from orchestrator import train
+    assert callable(train) and train is orchestrator.train and not isinstance(train, type(orchestrator))

@@ -153,3 +153,18 @@ def test_value_model_from_a_reward_model_keeps_its_score_head(tmp_path):
     torch.testing.assert_close(model.score.weight, saved["score.weight"])
     if model.score.bias is not None:  # the classifier has no bias; a new one starts at zero
         assert torch.count_nonzero(model.score.bias) == 0
+
+
+# ---- old log-probs: when the loop computes them --------------------------------------------
+@pytest.mark.parametrize("overrides, needed", [
+    ((), False),                                   # one epoch, one optimizer step, KL in the loss
+    (("rl.async_rollout=true",), False),           # async: the trainer's policy is still the old
+    (("rl.epochs=2",), True),                      # the second epoch needs the first's start
+    (("train.batch_size=32", "train.micro_batch_size=16"), True),  # two optimizer steps
+    (("rl.kl_mode=reward",), True),                # the penalty enters the rewards first
+    (("rl.kl_mode=reward", "rl.kl_coef=0"), False),
+])
+def test_old_logprobs_forward_only_when_the_update_cannot_give_them(overrides, needed):
+    from orchestrator.rl_loop import needs_old_logprobs
+    cfg = RunConfig.from_yaml(GRPO, ["algorithm=grpo", *overrides])
+    assert needs_old_logprobs(cfg) is needed
