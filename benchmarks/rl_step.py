@@ -202,7 +202,8 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str) -> di
               for k in phase_keys}
     phases["orchestration"] = {"median_s": _med(orch_s), "mean_s": statistics.mean(orch_s)}
     phases["step"] = {"median_s": _med(step_s), "mean_s": statistics.mean(step_s)}
-    rewards = [r.get("reward/mean") for r in steps]
+    all_s = [r["timing/step"] for r in steps]
+    rewards = [r.get("reward/mean", float("nan")) for r in steps]
     out = {
         "mode": mode, "policy_cpus": policy_cpus,
         "median_step_s": _med(step_s),
@@ -212,10 +213,10 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str) -> di
         # share of the timed steps' total time; and the median of the per-step shares
         "orchestration_share": sum(orch_s) / sum(step_s),
         "orchestration_share_median": _med([o / s for o, s in zip(orch_s, step_s)]),
-        "step_s": [round(r["timing/step"], 4) for r in steps],
-        "reward_per_step": [round(r.get("reward/mean", float("nan")), 4) for r in steps],
+        "step_s": [round(s, 4) for s in all_s],
+        "reward_per_step": [round(r, 4) for r in rewards],
         "length_per_step": [round(r.get("response/length", float("nan")), 2) for r in steps],
-        "to_reward": time_to_reward([r["timing/step"] for r in steps], rewards, args.reward_target),
+        "to_reward": time_to_reward(all_s, rewards, args.reward_target),
         "eval_reward_before": result.before.get("eval/reward"),
         "eval_reward_after": result.after.get("eval/reward"),
         "train_call_s": wall, "load_avg_before": load_before, "load_avg": load_after,

@@ -205,11 +205,11 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
             kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if old is not None else None
             adv, returns = _advantages(cfg, rewards, mask.bool(), kl, values)
             batch = RolloutBatch(seqs, mask, adv, old, ref, engine_lp, values, returns)
+        nxt = ahead[0] if ahead and ahead[0].scoring is None else None  # async: next batch
         with timer.phase("train"):  # policy and critic update side by side
             refs = roles.policy.submit("rl_step", batch.split(len(roles.policy)))
             critic_refs = (roles.critic.submit("critic_step", batch.split(len(roles.critic)))
                            if roles.critic else None)
-            nxt = ahead[0] if ahead and ahead[0].scoring is None else None
             if nxt is not None and _first_done(nxt.generating, refs + (critic_refs or [])) == 0:
                 start_scoring(nxt)  # async: the next batch is in first; score it meanwhile
             row = combine_replicas(roles.policy.gather("rl_step", refs), "samples",
@@ -219,9 +219,9 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
                                             "samples", same=("critic_grad_norm",)))
                 row.update({"explained_variance": explained_variance(values, returns, mask),
                             "values/mean": (values * mask).sum().item() / mask.sum().item()})
-        if ahead and ahead[0].scoring is None:
+        if nxt is not None and nxt.scoring is None:
             with timer.phase("generate"):  # async: the next batch's sampling outlasted the update
-                start_scoring(ahead[0])
+                start_scoring(nxt)
         with timer.phase("sync"):
             if step % cfg.weight_sync.every == 0:
                 sync_weights(roles.policy, roles.rollout, bucket_bytes)
