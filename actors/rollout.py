@@ -10,6 +10,10 @@ Log-probs come from the engine in two ways: :meth:`RolloutEngine.generate` retur
 log-prob of each sampled token, and :meth:`RolloutEngine.logprobs` scores given response tokens
 after a given prompt (one prefill with ``prompt_logprobs``). The second is what the weight-sync
 proof compares with the trainer's log-probs of the same tokens.
+
+:class:`EngineBase` holds what every engine kind shares (prompt-length rules, result order,
+the completeness check of a sync); ``actors/rollout_hf.py`` is the other kind, transformers'
+``generate`` in the actor (``rollout.backend: hf``).
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ class RolloutSettings:
     weight_sync: bool = True             # build a weight-transfer engine (trainer => engine)
     weight_backend: str = "rayalign_gloo"  # its backend: ours over gloo (CPU), vLLM's nccl (GPU)
     long_prompt: str = "error"           # a prompt that leaves no room: error, truncate or skip
+    backend: str = "vllm"                # vllm, or hf (transformers generate: actors/rollout_hf.py)
+    threads: int = 1                     # hf: torch threads (vLLM binds its own, cpu_threads_bind)
 
 
 @dataclass
@@ -81,14 +87,78 @@ class RolloutSample:
     finish_reason: str
 
 
-class RolloutEngine:
+class EngineBase:
+    """What every kind of rollout engine shares: its settings, the prompt-length rules, the
+    order of results, and its place in the trainer<->engines weight-sync group."""
+
+    def __init__(self, rank: int, world_size: int, settings: RolloutSettings):
+        self.rank, self.world_size, self.settings = rank, world_size, settings
+
+    def _check_lengths(self, lengths: list[int], what: str, room: int) -> None:
+        limit = self.settings.max_model_len
+        for i, n in enumerate(lengths):
+            if n + room > limit:
+                raise ValueError(
+                    f"rollout engine {self.rank}: {what} {i} has {n} tokens, but max_model_len is "
+                    f"{limit}{' and at least one response token must fit' if room else ''}")
+
+    def _fit_prompts(self, prompts: list[list[int]]) -> tuple[list[list[int]], set[int]]:
+        """Apply ``long_prompt`` to prompts that leave no room for a response token."""
+        mode, room = self.settings.long_prompt, self.settings.max_model_len - 1
+        if mode == "error":
+            self._check_lengths([len(p) for p in prompts], "prompt", room=1)
+            return prompts, set()
+        long = {i for i, p in enumerate(prompts) if len(p) > room}
+        if long:
+            log.warning("rollout engine %d: %d prompt(s) longer than %d tokens %s", self.rank,
+                        len(long), room, "skipped" if mode == "skip" else "cut to their last tokens")
+        if mode == "truncate":  # keep the end, where the generation prompt is
+            return [p[-room:] if i in long else p for i, p in enumerate(prompts)], set()
+        return prompts, long
+
+    def _check_sequences(self, sequences: list[Sequence]) -> None:
+        """What :meth:`logprobs` needs: sequences that fit, each with a prompt."""
+        self._check_lengths([len(p) + len(r) for p, r in sequences], "sequence", room=0)
+        for i, (p, _) in enumerate(sequences):
+            if not p:
+                raise ValueError(f"rollout engine {self.rank}: sequence {i} has an empty prompt")
+
+    @staticmethod
+    def _in_prompt_order(prompts: list[list[int]], skipped: set[int], n: int,
+                         outputs: dict[int, list[RolloutSample]]) -> list[RolloutSample]:
+        """The n samples of each prompt, prompts in input order; a skipped prompt keeps its
+        place with n empty "skipped" samples, so results still line up with the prompts."""
+        samples = []
+        for i, prompt in enumerate(prompts):
+            samples += ([RolloutSample(prompt, [], [], "skipped") for _ in range(n)]
+                        if i in skipped else outputs[i])
+        return samples
+
+    def _check_report(self, rep: dict, worker: int = 0) -> None:
+        """Raise :class:`WeightSyncError` if a sync left this engine short of a parameter."""
+        from actors.weight_sync import WeightSyncError
+        if rep.get("missing") or rep.get("unexpected"):
+            raise WeightSyncError(
+                f"rollout engine {self.rank} (worker {worker}): weight sync incomplete: "
+                f"{len(rep['missing'])} parameter(s) missing: {_short(rep['missing'])}; "
+                f"{len(rep['unexpected'])} unknown: {_short(rep['unexpected'])}")
+
+    def workers(self) -> int:
+        """Ranks this engine takes in the weight-sync group (one per worker)."""
+        return self.settings.tensor_parallel_size
+
+    def shutdown(self) -> None:
+        """Release the engine before the actor dies (nothing to do unless a kind needs it)."""
+
+
+class RolloutEngine(EngineBase):
     """A vLLM engine as one replica of the rollout role.
 
     Made with ``ActorGroup("rollout", RolloutEngine, pg, n, cpus, gpus, init_args=(settings,))``.
     """
 
     def __init__(self, rank: int, world_size: int, settings: RolloutSettings):
-        self.rank, self.world_size, self.settings = rank, world_size, settings
+        super().__init__(rank, world_size, settings)
         s = settings
         local = s.model_path.startswith(("/", ".", "~"))
         if local and not os.path.isdir(os.path.expanduser(s.model_path)):
@@ -126,14 +196,6 @@ class RolloutEngine:
                  s.model_path, s.tensor_parallel_size)
 
     # ---- sampling ---------------------------------------------------------------------------
-    def _check_lengths(self, lengths: list[int], what: str, room: int) -> None:
-        limit = self.settings.max_model_len
-        for i, n in enumerate(lengths):
-            if n + room > limit:
-                raise ValueError(
-                    f"rollout engine {self.rank}: {what} {i} has {n} tokens, but max_model_len is "
-                    f"{limit}{' and at least one response token must fit' if room else ''}")
-
     @dispatch(SCATTER)
     def generate(self, prompts: list[list[int]],
                  sampling: dict | Sampling | None = None) -> list[RolloutSample]:
@@ -153,41 +215,18 @@ class RolloutEngine:
         todo = [i for i in range(len(prompts)) if i not in skipped]
         results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in todo],
                                     [params(i) for i in todo], use_tqdm=False) if todo else []
-        outputs = {i: out.outputs for i, out in zip(todo, results)}
-        samples = []
-        for i, prompt in enumerate(prompts):
-            if i in skipped:  # kept in place so results still line up with the prompts
-                samples += [RolloutSample(prompt, [], [], "skipped") for _ in range(sp.n)]
-                continue
-            for c in outputs[i]:
-                ids = list(c.token_ids)
-                lps = [step[t].logprob for t, step in zip(ids, c.logprobs)]
-                samples.append(RolloutSample(prompt, ids, lps, c.finish_reason or "length"))
-        return samples
-
-    def _fit_prompts(self, prompts: list[list[int]]) -> tuple[list[list[int]], set[int]]:
-        """Apply ``long_prompt`` to prompts that leave no room for a response token."""
-        mode, room = self.settings.long_prompt, self.settings.max_model_len - 1
-        if mode == "error":
-            self._check_lengths([len(p) for p in prompts], "prompt", room=1)
-            return prompts, set()
-        long = {i for i, p in enumerate(prompts) if len(p) > room}
-        if long:
-            log.warning("rollout engine %d: %d prompt(s) longer than %d tokens %s", self.rank,
-                        len(long), room, "skipped" if mode == "skip" else "cut to their last tokens")
-        if mode == "truncate":  # keep the end, where the generation prompt is
-            return [p[-room:] if i in long else p for i, p in enumerate(prompts)], set()
-        return prompts, long
+        outputs = {i: [RolloutSample(prompts[i], list(c.token_ids),
+                                     [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)],
+                                     c.finish_reason or "length") for c in out.outputs]
+                   for i, out in zip(todo, results)}
+        return self._in_prompt_order(prompts, skipped, sp.n, outputs)
 
     @dispatch(SCATTER)
     def logprobs(self, sequences: list[Sequence]) -> list[list[float]]:
         """log p(response token | prompt, earlier response tokens) for each (prompt, response)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
-        self._check_lengths([len(p) + len(r) for p, r in sequences], "sequence", room=0)
-        for i, (p, _) in enumerate(sequences):
-            if not p:
-                raise ValueError(f"rollout engine {self.rank}: sequence {i} has an empty prompt")
+        self._check_sequences(sequences)
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in sequences],
@@ -200,10 +239,6 @@ class RolloutEngine:
         return result
 
     # ---- weights ----------------------------------------------------------------------------
-    def workers(self) -> int:
-        """Ranks this engine takes in the weight-sync group (one per worker)."""
-        return self.settings.tensor_parallel_size
-
     def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
                          world_size: int, timeout_s: float = 300.0,
                          bucket_bytes: int | None = None) -> None:
@@ -225,7 +260,6 @@ class RolloutEngine:
         Raises :class:`WeightSyncError` naming the parameters that did not arrive, or that the
         engine's checkpoint does not have; the engine keeps working either way.
         """
-        from actors.weight_sync import WeightSyncError
         t0 = time.perf_counter()
         if self.settings.weight_backend == "nccl":  # vLLM's engine reads names, dtypes, shapes
             from actors.weight_sync_nccl import update_payload
@@ -238,11 +272,7 @@ class RolloutEngine:
             self.llm.reset_prefix_cache()
         reports = self.llm.collective_rpc("rayalign_sync_report")
         for worker, rep in enumerate(reports):
-            if rep.get("missing") or rep.get("unexpected"):
-                raise WeightSyncError(
-                    f"rollout engine {self.rank} (worker {worker}): weight sync incomplete: "
-                    f"{len(rep['missing'])} parameter(s) missing: {_short(rep['missing'])}; "
-                    f"{len(rep['unexpected'])} unknown: {_short(rep['unexpected'])}")
+            self._check_report(rep, worker)
         seconds = time.perf_counter() - t0
         log.info("rollout engine %d: %d tensors received in %.2fs", self.rank,
                  reports[0].get("received", 0), seconds)

@@ -7,37 +7,14 @@ bucket layout, metadata) is shared with the trainer side in ``actors/weight_sync
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from actors.weight_sync import BACKEND, UpdateInfo, WeightGroup, _nbytes, bucket_layout, open_group
-
-
-def checkpoint_names(model_dir: str, tied_embeddings: bool) -> set[str] | None:
-    """Tensor names of the safetensors checkpoint in ``model_dir``; None if there is none."""
-    root = Path(model_dir)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        names = set(json.loads(index.read_text())["weight_map"])
-    else:
-        files = sorted(root.glob("*.safetensors"))
-        if not files:
-            return None
-        from safetensors import safe_open
-        names = set()
-        for f in files:
-            with safe_open(str(f), framework="pt") as fh:
-                names.update(fh.keys())
-    names = {n for n in names if not n.endswith("rotary_emb.inv_freq")}
-    if tied_embeddings:
-        names.discard("lm_head.weight")
-    return names
+from actors.weight_sync import (BACKEND, SyncTally, UpdateInfo, WeightGroup, checkpoint_names,
+                                 open_group, receive_buckets)
 
 
 def refresh_shared_layers(model: torch.nn.Module) -> int:
@@ -96,8 +73,7 @@ def _engine_classes():
             hf = self.model_config.hf_config
             self.expected = checkpoint_names(self.model_config.model,
                                              bool(getattr(hf, "tie_word_embeddings", False)))
-            self.received: set[str] = set()
-            self.unexpected: set[str] = set()
+            self.tally = SyncTally(self.expected)
             self.report: dict = {}
 
         def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
@@ -108,7 +84,7 @@ def _engine_classes():
 
         def start_weight_update(self) -> None:
             from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
-            self.received, self.unexpected, self.t0 = set(), set(), time.perf_counter()
+            self.tally = SyncTally(self.expected)
             initialize_layerwise_reload(self.model)
 
         def update_weights(self, update_info: dict) -> None:
@@ -116,33 +92,7 @@ def _engine_classes():
             self.receive_weights(self.parse_update_info(update_info))
 
         def receive_weights(self, info: GlooUpdateInfo) -> None:
-            if self.group is None:
-                raise RuntimeError("rayalign_gloo: weight update before the group was set up "
-                                   "(init_weight_transfer_engine)")
-            def post(k: int):
-                """Start receiving bucket k into a fresh buffer (vLLM may keep views of it)."""
-                start, end = info.buckets[k]
-                _, size = bucket_layout(info.dtype_names[start:end], info.shapes[start:end])
-                buffer = torch.empty(size, dtype=torch.uint8)
-                return buffer, self.group.broadcast(buffer, wait=False)
-
-            pending = post(0) if info.buckets else None
-            for k, (start, end) in enumerate(info.buckets):
-                buffer, work = pending
-                work.wait()
-                # bucket k+1 arrives while bucket k is loaded
-                pending = post(k + 1) if k + 1 < len(info.buckets) else None
-                dtypes, shapes = info.dtype_names[start:end], info.shapes[start:end]
-                offsets, _ = bucket_layout(dtypes, shapes)
-                batch = []
-                for name, dtype, shape, off in zip(info.names[start:end], dtypes, shapes, offsets):
-                    if self.expected is not None and name not in self.expected:
-                        self.unexpected.add(name)  # loading it could fail mid-stream; report it
-                        continue
-                    n = _nbytes(dtype, shape)
-                    raw = buffer[off:off + n]
-                    batch.append((name, raw.view(getattr(torch, dtype)).view(shape)))
-                    self.received.add(name)
+            for batch in receive_buckets(self.group, info, self.tally):
                 self.model.load_weights(batch)
 
         def finish_weight_update(self) -> None:
@@ -157,11 +107,7 @@ def _engine_classes():
             finally:
                 quiet.setLevel(level)
             refresh_shared_layers(self.model)
-            missing = sorted(self.expected - self.received) if self.expected is not None else []
-            self.report = {"received": len(self.received), "missing": missing,
-                           "unexpected": sorted(self.unexpected),
-                           "checked": self.expected is not None,
-                           "seconds": time.perf_counter() - self.t0}
+            self.report = self.tally.report()
 
         def shutdown(self) -> None:
             self.group = None

@@ -23,10 +23,12 @@ old weights when none of them arrive, and processes a half-loaded layer as if it
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import socket
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -152,6 +154,79 @@ class UpdateInfo:
     @property
     def total_bytes(self) -> int:
         return sum(_nbytes(d, s) for d, s in zip(self.dtype_names, self.shapes))
+
+
+# ---- engine side (shared by every engine kind) ------------------------------------------------
+def checkpoint_names(model_dir: str, tied_embeddings: bool) -> set[str] | None:
+    """Tensor names of the safetensors checkpoint in ``model_dir``; None if there is none.
+
+    These are the names every sync must deliver (a tied LM head is the embedding's tensor)."""
+    root = Path(model_dir)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        names = set(json.loads(index.read_text())["weight_map"])
+    else:
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            return None
+        from safetensors import safe_open
+        names = set()
+        for f in files:
+            with safe_open(str(f), framework="pt") as fh:
+                names.update(fh.keys())
+    names = {n for n in names if not n.endswith("rotary_emb.inv_freq")}
+    if tied_embeddings:
+        names.discard("lm_head.weight")
+    return names
+
+
+@dataclass
+class SyncTally:
+    """What one sync delivered to an engine, against the names it expects (None: unchecked)."""
+    expected: set[str] | None
+    received: set[str] = field(default_factory=set)
+    unexpected: set[str] = field(default_factory=set)
+    t0: float = field(default_factory=time.perf_counter)
+
+    def report(self) -> dict:
+        missing = sorted(self.expected - self.received) if self.expected is not None else []
+        return {"received": len(self.received), "missing": missing,
+                "unexpected": sorted(self.unexpected), "checked": self.expected is not None,
+                "seconds": time.perf_counter() - self.t0}
+
+
+def receive_buckets(group: WeightGroup | None, info: UpdateInfo,
+                    tally: SyncTally) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Receive the buckets of one sync; yield each as (name, tensor) views of a fresh buffer.
+
+    Bucket k+1 is already arriving while the caller loads bucket k. Names the engine does not
+    expect are left out (loading them could fail mid-stream) and counted in ``tally``.
+    """
+    if group is None:
+        raise RuntimeError("weight update before the trainer<->engine group was set up")
+
+    def post(k: int):
+        start, end = info.buckets[k]
+        _, size = bucket_layout(info.dtype_names[start:end], info.shapes[start:end])
+        buffer = torch.empty(size, dtype=torch.uint8)  # fresh: an engine may keep views of it
+        return buffer, group.broadcast(buffer, wait=False)
+
+    pending = post(0) if info.buckets else None
+    for k, (start, end) in enumerate(info.buckets):
+        buffer, work = pending
+        work.wait()
+        pending = post(k + 1) if k + 1 < len(info.buckets) else None
+        dtypes, shapes = info.dtype_names[start:end], info.shapes[start:end]
+        offsets, _ = bucket_layout(dtypes, shapes)
+        batch = []
+        for name, dtype, shape, off in zip(info.names[start:end], dtypes, shapes, offsets):
+            if tally.expected is not None and name not in tally.expected:
+                tally.unexpected.add(name)
+                continue
+            raw = buffer[off:off + _nbytes(dtype, shape)]
+            batch.append((name, raw.view(getattr(torch, dtype)).view(shape)))
+            tally.received.add(name)
+        yield batch
 
 
 # ---- trainer side ----------------------------------------------------------------------------

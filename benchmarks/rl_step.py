@@ -1,19 +1,21 @@
-"""GRPO step time and time to reward: rayalign's RL loop (on-policy and async) against TRL's
-GRPOTrainer, one run.
+"""GRPO step time and time to reward: rayalign's RL loop (on-policy and async, on vLLM and on
+transformers rollouts) against TRL's GRPOTrainer, one run.
 
 Builds (or reuses) a ``--size`` Llama (``orchestrator.tiny_model.build_model``, "tiny" by
 default) and the synthetic task's prompts (``orchestrator.synthetic.write_dataset``; the
 ``prompt`` column of train.jsonl, ``steps * 8`` rows, so each system sees every prompt once)
-in ``--out``, then runs GRPO up to three times, one after the other in this process:
+in ``--out``, then runs GRPO up to five times, one after the other in this process:
 
-* rayalign, on-policy (``rl.async_rollout: false``, the default loop) and async
-  (``rl.async_rollout: true``: the engine samples the next step while this one scores, trains
-  and syncs): ``orchestrator.train`` with an embedded local Ray, set up like
-  ``configs/grpo-tiny.yaml``: 1 policy actor (ZeRO-0; ``--policy-cpus`` torch threads, by
-  default 2 on-policy, where the engine and the trainer take turns on the 2 cores, and 1 async,
-  where they run at the same time), 1 reference actor (0.5 CPU), 1 reward actor (0.5 CPU,
-  ``orchestrator.synthetic:reward``), 1 vLLM rollout engine (1 CPU, 0.25 GiB KV cache,
-  max_model_len 256); weights synced to the engine after every optimizer step.
+* rayalign, for each rollout backend (``--backends``: ``vllm``, a vLLM engine; ``hf``,
+  transformers ``generate`` in the rollout actor) on-policy (``rl.async_rollout: false``, the
+  default loop) and async (``rl.async_rollout: true``: the engine samples the next step while
+  this one scores, trains and syncs): ``orchestrator.train`` with an embedded local Ray, set up
+  like ``configs/grpo-tiny.yaml``: 1 policy actor (ZeRO-0; ``--policy-cpus`` torch threads),
+  1 reference actor (0.5 CPU), 1 reward actor (0.5 CPU, ``orchestrator.synthetic:reward``),
+  1 rollout engine (``--rollout-cpus``; vLLM with 0.25 GiB KV cache; max_model_len 256);
+  weights synced to the engine after every optimizer step. Policy and rollout get 2 CPUs each
+  on-policy, where they take turns on the 2 cores, and 1 each async, where they run at the
+  same time.
 * TRL: ``trl.GRPOTrainer`` on CPU in this process with 2 torch threads, generation with
   Hugging Face ``generate`` (no vLLM), the reference model a separate copy (beta > 0).
 
@@ -43,10 +45,10 @@ reward of a step's 64 samples), averaged over 3 consecutive steps, first reaches
 ``--reward-target``. It folds throughput and learning per step into one figure: async steps
 are shorter, but learn from samples one update old.
 
-Run from the repository root (about 4 minutes on 2 cores, much of it rayalign's start-ups)::
+Run from the repository root (about 6 minutes on 2 cores, much of it rayalign's start-ups)::
 
-    .venv/bin/python benchmarks/rl_step.py                        # both modes and TRL, 40 steps
-    .venv/bin/python benchmarks/rl_step.py --modes async --steps 15 --reward-target 0.1
+    .venv/bin/python benchmarks/rl_step.py              # both modes x both backends and TRL
+    .venv/bin/python benchmarks/rl_step.py --modes async --backends hf --steps 15
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ LR, KL_COEF = 2e-3, 0.01
 PHASES = ("generate", "score", "train", "sync")   # work; the rest of a step is orchestration
 ORCH_TARGET = 0.10
 MODES = ("on-policy", "async")
+BACKENDS = ("vllm", "hf")       # rollout.backend: vLLM engine, or transformers generate
 REWARD_WINDOW = 3                # steps averaged for the time-to-reward threshold
 
 
@@ -89,6 +92,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-trl", action="store_true", help="run rayalign only")
     p.add_argument("--modes", default=",".join(MODES),
                    help="rayalign loops to run, comma-separated: on-policy, async")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="rayalign rollout backends to run, comma-separated: vllm (vLLM engine), "
+                        "hf (transformers generate in the rollout actor)")
     p.add_argument("--reward-target", type=float, default=0.5,
                    help=f"training reward ({REWARD_WINDOW}-step mean) whose first crossing "
                         "times each system")
@@ -98,7 +104,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rayalign policy CPUs (torch threads); default 2 on-policy (the engine "
                         "and the trainer take turns, so each may use both cores), 1 async (they "
                         "run at the same time)")
+    p.add_argument("--rollout-cpus", type=int, default=None,
+                   help="rayalign rollout CPUs (the hf backend's torch threads; vLLM binds its "
+                        "own); default as --policy-cpus")
     args = p.parse_args(argv)
+    args.backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not args.backends or any(b not in BACKENDS for b in args.backends):
+        p.error(f"--backends: a comma-separated subset of {', '.join(BACKENDS)}")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not args.modes or any(m not in MODES for m in args.modes):
         p.error(f"--modes: a comma-separated subset of {', '.join(MODES)}")
@@ -152,12 +164,13 @@ def time_to_reward(step_s: list[float], rewards: list, target: float) -> dict:
 
 
 # ---- rayalign --------------------------------------------------------------------------------
-def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str) -> dict:
+def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str, backend: str) -> dict:
     from orchestrator import RunConfig, train
 
-    run_dir = Path(args.out) / f"rayalign-{mode}"
+    run_dir = Path(args.out) / f"rayalign-{mode}-{backend}"
     shutil.rmtree(run_dir, ignore_errors=True)   # a fresh run: no old metrics lines
     policy_cpus = args.policy_cpus or (1 if mode == "async" else 2)
+    rollout_cpus = args.rollout_cpus or (1 if mode == "async" else 2)
     cfg = RunConfig.from_dict({
         "algorithm": "grpo",
         "run_dir": str(run_dir),
@@ -167,7 +180,8 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str) -> di
         "reference": {"actors": 1, "cpus": 0.5},
         "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
                    "function": "orchestrator.synthetic:reward"},
-        "rollout": {"actors": 1, "cpus": 1, "kv_cache_gib": 0.25, "max_model_len": 256},
+        "rollout": {"actors": 1, "cpus": rollout_cpus, "kv_cache_gib": 0.25, "max_model_len": 256,
+                    "backend": backend},
         "rl": {"prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
                "max_new_tokens": MAX_NEW_TOKENS, "kl_coef": KL_COEF,
                "async_rollout": mode == "async"},
@@ -175,12 +189,12 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str) -> di
         "train": {"batch_size": SAMPLES_PER_STEP, "micro_batch_size": MICRO_BATCH,
                   "max_steps": args.steps, "seed": 0},
         "eval": {"num_prompts": args.eval_prompts},
-        "cluster": {"num_cpus": 2 + policy_cpus},
+        "cluster": {"num_cpus": 1 + policy_cpus + rollout_cpus},
         "log": {"progress_bar": False, "tensorboard": False},
     }, args.set)
-    log.info("rayalign %s: GRPO, %d steps; policy 1 x %d CPU (ZeRO-0), reference 0.5, reward "
-             "0.5, rollout 1 vLLM engine x 1 CPU; embedded Ray with %d logical CPUs", mode,
-             args.steps, policy_cpus, 2 + policy_cpus)
+    log.info("rayalign %s, %s: GRPO, %d steps; policy 1 x %d CPU (ZeRO-0), reference 0.5, reward "
+             "0.5, rollout 1 %s engine x %d CPU; embedded Ray with %d logical CPUs", mode, backend,
+             args.steps, policy_cpus, backend, rollout_cpus, 1 + policy_cpus + rollout_cpus)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     result = train(cfg)
@@ -205,7 +219,8 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str) -> di
     all_s = [r["timing/step"] for r in steps]
     rewards = [r.get("reward/mean", float("nan")) for r in steps]
     out = {
-        "mode": mode, "policy_cpus": policy_cpus,
+        "mode": mode, "backend": backend, "policy_cpus": policy_cpus,
+        "rollout_cpus": rollout_cpus,
         "median_step_s": _med(step_s),
         "samples_per_s": SAMPLES_PER_STEP / _med(step_s),
         "samples_per_s_mean": SAMPLES_PER_STEP * len(step_s) / sum(step_s),
@@ -221,8 +236,8 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str) -> di
         "eval_reward_after": result.after.get("eval/reward"),
         "train_call_s": wall, "load_avg_before": load_before, "load_avg": load_after,
     }
-    log.info("rayalign %s: median step %.3fs (%.1f samples/s), orchestration %.1f%% of step "
-             "time; train() %.1fs in all", mode, out["median_step_s"], out["samples_per_s"],
+    log.info("rayalign %s, %s: median step %.3fs (%.1f samples/s), orchestration %.1f%% of step "
+             "time; train() %.1fs in all", mode, backend, out["median_step_s"], out["samples_per_s"],
              100 * out["orchestration_share"], wall)
     return out
 
@@ -384,8 +399,10 @@ def report(args, n_params: int, runs: dict[str, dict], trl_res: dict | None) -> 
         if trl_res is not None:
             ratio = (f"**{res['samples_per_s'] / trl_res['samples_per_s']:.2f}x**; "
                      f"{res['samples_per_s_mean'] / trl_res['samples_per_s_mean']:.2f}x")
-        lines.append(f"| rayalign {mode} (Ray: vLLM rollout, policy ZeRO-0 x {res['policy_cpus']} "
-                     f"CPU, reference, reward) | {res['median_step_s']:.3f} | "
+        engine = "vLLM" if res["backend"] == "vllm" else "transformers generate"
+        lines.append(f"| rayalign {mode} (Ray: {engine} rollout x {res['rollout_cpus']} CPU, "
+                     f"policy ZeRO-0 x {res['policy_cpus']} CPU, reference, reward) | "
+                     f"{res['median_step_s']:.3f} | "
                      f"{res['samples_per_s']:.1f} | {res['samples_per_s_mean']:.1f} | {ratio} |")
     if trl_res is not None:
         lines.append(f"| TRL GRPOTrainer {trl.__version__} (HF generate, in-process) | "
@@ -452,7 +469,8 @@ def main(argv=None) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
     model_dir, paths, prompts, n_params = prepare(args)
-    runs = {mode: run_rayalign(args, model_dir, paths, mode) for mode in args.modes}
+    runs = {f"{mode}, {backend}": run_rayalign(args, model_dir, paths, mode, backend)
+            for backend in args.backends for mode in args.modes}
     trl_res = None if args.skip_trl else run_trl(args, model_dir, prompts)
 
     print(report(args, n_params, runs, trl_res), flush=True)

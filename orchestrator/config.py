@@ -109,6 +109,20 @@ class RolloutConfig(RoleConfig):
     long_prompt: str = param("error", "a prompt longer than max_model_len - 1 tokens: stop with an "
                                       "error, keep its last tokens, or skip it",
                              choices=("error", "truncate", "skip"))
+    backend: str = param("vllm", "what generates: vLLM engines, or transformers' generate in the "
+                                 "actor (hf: CPU only, tensor_parallel_size 1; faster than vLLM "
+                                 "for tiny models on a CPU)", choices=("vllm", "hf"))
+
+    def check(self) -> None:
+        """Rules between the keys of this section (also used by ``rayalign generate``)."""
+        if self.backend == "hf" and self.gpus > 0:
+            raise ConfigError(f"rollout.gpus: {self.gpus:g} with rollout.backend hf; the hf "
+                              f"backend runs on CPU only: set rollout.gpus to 0 or use "
+                              f"rollout.backend vllm")
+        if self.backend == "hf" and self.tensor_parallel_size != 1:
+            raise ConfigError(f"rollout.tensor_parallel_size: {self.tensor_parallel_size} with "
+                              f"rollout.backend hf, which holds the whole model in one process; "
+                              f"set it to 1 or use rollout.backend vllm")
 
 
 @dataclass
@@ -352,6 +366,7 @@ class RunConfig:
 
     def _check_online(self) -> None:
         rl, rollout_size = self.rl, self.rl.prompts_per_step * self.rl.group_size
+        self.rollout.check()
         if self.algorithm in ("grpo", "rloo") and rl.group_size < 2:
             raise ConfigError(f"rl.group_size: {self.algorithm} compares responses to one prompt; "
                               f"use at least 2")

@@ -157,9 +157,10 @@ def _engines_started(group: ActorGroup) -> ActorGroup:
 
 
 def start_rollout(model_cfg, rollout, timeout_s: float, cluster=None) -> ActorGroup:
-    """The rollout group on its own: ``rollout.actors`` vLLM engines serving ``model_cfg.path``."""
+    """The rollout group on its own: ``rollout.actors`` engines serving ``model_cfg.path``."""
+    rollout.check()
     check_capacity([_request("rollout", rollout)], cluster)
-    return _engines_started(start_group("rollout", RolloutEngine, rollout, timeout_s,
+    return _engines_started(start_group("rollout", engine_class(rollout), rollout, timeout_s,
                                         (rollout_settings(model_cfg, rollout),), cluster))
 
 
@@ -171,7 +172,16 @@ def rollout_settings(model_cfg, rollout):
         enforce_eager=rollout.enforce_eager, gpu_memory_utilization=rollout.gpu_memory_utilization,
         kv_cache_gib=rollout.kv_cache_gib, cpu_threads_bind=rollout.cpu_threads_bind,
         in_actor=rollout.in_actor, long_prompt=rollout.long_prompt,
-        weight_backend=backend_for(rollout.gpus))
+        weight_backend=backend_for(rollout.gpus), backend=rollout.backend,
+        threads=max(1, round(rollout.cpus)))
+
+
+def engine_class(rollout) -> type:
+    """The actor class of the rollout role's ``backend``."""
+    if rollout.backend == "hf":
+        from actors.rollout_hf import HFRolloutEngine
+        return HFRolloutEngine
+    return RolloutEngine
 
 
 def reward_settings(cfg) -> RewardSettings:
@@ -190,7 +200,8 @@ class RLRoles:
         self.placement = placement = Placement(cfg, cfg.roles())
         try:
             self.rollout = self._keep(_engines_started(placement.start(
-                "rollout", RolloutEngine, (rollout_settings(cfg.model, cfg.rollout),))))
+                "rollout", engine_class(cfg.rollout),
+                (rollout_settings(cfg.model, cfg.rollout),))))
             self.policy = self._keep(placement.start("policy", PolicyTrainer, (cfg,)))
             self.critic = (self._keep(placement.start("critic", Critic, (cfg,)))
                            if cfg.uses_critic else None)

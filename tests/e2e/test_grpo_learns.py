@@ -1,4 +1,5 @@
-"""GRPO on the synthetic task over four roles (rollout, reward, reference, policy) must learn."""
+"""GRPO on the synthetic task over four roles (rollout, reward, reference, policy) must learn,
+with vLLM engines (on-policy and async) and with the transformers rollout backend (on-policy)."""
 from __future__ import annotations
 
 import json
@@ -13,8 +14,9 @@ pytestmark = pytest.mark.e2e
 REWARD_GAIN = 0.1  # ground-truth reward of held-out samples, on a scale of [-1, 1]
 
 
-@pytest.mark.parametrize("mode", ["on-policy", "async"])
-def test_grpo_raises_held_out_reward(assets, tmp_path, mode):
+@pytest.mark.parametrize("mode, backend", [("on-policy", "vllm"), ("async", "vllm"),
+                                           ("on-policy", "hf")])
+def test_grpo_raises_held_out_reward(assets, tmp_path, mode, backend):
     asynchronous = mode == "async"
     cfg = RunConfig.from_dict({
         "algorithm": "grpo", "run_dir": str(tmp_path / "run"),
@@ -24,7 +26,8 @@ def test_grpo_raises_held_out_reward(assets, tmp_path, mode):
         "reference": {"actors": 1, "cpus": 0.5},
         "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
                    "function": "orchestrator.synthetic:reward"},
-        "rollout": {"actors": 1, "cpus": 1, "kv_cache_gib": 0.25, "max_model_len": 256},
+        "rollout": {"actors": 1, "cpus": 1, "kv_cache_gib": 0.25, "max_model_len": 256,
+                    "backend": backend},
         "rl": {"prompts_per_step": 8, "group_size": 8, "max_new_tokens": 16, "kl_coef": 0.01,
                "async_rollout": asynchronous},
         "optim": {"lr": 2e-3},

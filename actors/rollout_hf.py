@@ -1,0 +1,171 @@
+"""The rollout role on transformers' ``generate`` instead of vLLM (``rollout.backend: hf``).
+
+Same calls, same results as :class:`actors.rollout.RolloutEngine`: n samples per prompt with
+the log-prob of each sampled token under the model's own distribution (temperature 1, before
+top-k/top-p), finish reasons, ``logprobs`` of given sequences, and weights received over the
+same gloo group and bucket wire as the vLLM engines (``actors/weight_sync.py``).
+
+Why it exists: on a CPU with a small model, vLLM's scheduler and bookkeeping cost more per
+decoding step than the model does, and transformers' plain batched decoding is faster (it is
+what TRL does without vLLM). It has no paged KV cache, no continuous batching and no tensor
+parallelism: for GPUs and real model sizes, use vLLM.
+
+Differences a caller can see:
+
+- ``Sampling.seed`` seeds one torch generator for the whole call, so a seeded call repeats
+  itself, but its samples are not those a vLLM engine gives for the same seed.
+- Responses of one call are decoded together, left-padded to the longest prompt; each stops
+  at EOS (kept, as vLLM keeps it), at a stop string (its tokens kept), or at
+  ``max_new_tokens`` / ``max_model_len``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from actors.group import ALL, SCATTER, dispatch
+from actors.rollout import EngineBase, RolloutSample, RolloutSettings, Sampling, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class HFRolloutEngine(EngineBase):
+    """A transformers causal LM as one replica of the rollout role (CPU)."""
+
+    def __init__(self, rank: int, world_size: int, settings: RolloutSettings):
+        super().__init__(rank, world_size, settings)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from actors.runtime import DTYPES, set_threads
+        s = settings
+        set_threads(s.threads)
+        t0 = time.perf_counter()
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(
+                s.model_path, dtype=DTYPES[s.dtype], attn_implementation="sdpa")
+            self.tokenizer = AutoTokenizer.from_pretrained(s.model_path)
+        except Exception as e:
+            raise RuntimeError(f"rollout engine {rank}: transformers could not load "
+                               f"{s.model_path} ({type(e).__name__}: {e})") from e
+        self.model.eval().requires_grad_(False)
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos = set([eos] if isinstance(eos, int) else (eos or []))
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos, default=0)
+        self.group = None
+        # every parameter the model holds must arrive in a sync (a tied head comes once)
+        self.params = dict(self.model.named_parameters())
+        log.info("rollout engine %d up in %.1fs (%s, transformers generate, %d threads)", rank,
+                 time.perf_counter() - t0, s.model_path, s.threads)
+
+    # ---- sampling ---------------------------------------------------------------------------
+    @dispatch(SCATTER)
+    def generate(self, prompts: list[list[int]],
+                 sampling: dict | Sampling | None = None) -> list[RolloutSample]:
+        """Sample ``sampling.n`` responses per prompt; samples of a prompt are adjacent."""
+        sp = Sampling.from_dict(sampling)
+        prompts, skipped = self._fit_prompts([list(p) for p in prompts])
+        todo = [i for i in range(len(prompts)) if i not in skipped]
+        rows = [prompts[i] for i in todo for _ in range(sp.n)]
+        done = self._sample(rows, sp) if rows else []
+        outputs = {i: done[k * sp.n:(k + 1) * sp.n] for k, i in enumerate(todo)}
+        return self._in_prompt_order(prompts, skipped, sp.n, outputs)
+
+    @torch.no_grad()
+    def _sample(self, rows: list[list[int]], sp: Sampling) -> list[RolloutSample]:
+        from transformers import GenerationConfig
+        limit = self.settings.max_model_len
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's next token is at column width
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+        caps = [min(sp.max_new_tokens, limit - len(r)) for r in rows]
+        greedy = sp.temperature == 0
+        config = GenerationConfig(
+            do_sample=not greedy, temperature=None if greedy else sp.temperature,
+            top_p=None if greedy else sp.top_p, top_k=None if greedy else sp.top_k,
+            max_new_tokens=max(caps),
+            eos_token_id=None if sp.ignore_eos else sorted(self.eos),
+            pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True,
+            stop_strings=list(sp.stop) or None)
+        generator_state = None
+        if sp.seed is not None:  # one seed for the call: a seeded call repeats itself
+            generator_state = torch.random.get_rng_state()
+            torch.manual_seed(sp.seed)
+        try:
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, generation_config=config,
+                tokenizer=self.tokenizer if sp.stop else None)
+        finally:
+            if generator_state is not None:  # unseeded calls stay as random as before
+                torch.random.set_rng_state(generator_state)
+        new = out.sequences[:, width:]
+        # log p of each sampled token under the raw (untempered, unfiltered) distribution
+        picked = torch.stack([torch.log_softmax(step.float(), dim=-1)
+                              .gather(-1, new[:, t:t + 1]).squeeze(-1)
+                              for t, step in enumerate(out.logits)], dim=1)
+        samples = []
+        for i, row in enumerate(rows):
+            tokens = new[i, :caps[i]].tolist()
+            end, reason = self._end(tokens, sp)
+            samples.append(RolloutSample(row, tokens[:end], picked[i, :end].tolist(), reason))
+        return samples
+
+    def _end(self, tokens: list[int], sp: Sampling) -> tuple[int, str]:
+        """Where a sampled row ends and why: its first EOS (kept), the token that completes a
+        stop string, or its last token (what follows a finished row is padding)."""
+        end, reason = len(tokens), "length"
+        if not sp.ignore_eos:
+            first = next((j for j, t in enumerate(tokens) if t in self.eos), None)
+            if first is not None:
+                end, reason = first + 1, "stop"
+        if sp.stop and any(s in self.tokenizer.decode(tokens[:end]) for s in sp.stop):
+            lo, hi = 1, end  # the shortest prefix whose text holds a stop string
+            while lo < hi:
+                mid = (lo + hi) // 2
+                text = self.tokenizer.decode(tokens[:mid])
+                lo, hi = (lo, mid) if any(s in text for s in sp.stop) else (mid + 1, hi)
+            end, reason = lo, "stop"
+        return end, reason
+
+    @dispatch(SCATTER)
+    def logprobs(self, sequences: list[Sequence]) -> list[list[float]]:
+        """log p(response token | prompt, earlier response tokens) for each (prompt, response)."""
+        from actors.logprobs import response_logprobs
+        self._check_sequences(sequences)
+        return response_logprobs(self.model, [(list(p), list(r)) for p, r in sequences],
+                                 micro_batch=32, pack=True, pad_id=self.pad_id)
+
+    # ---- weights ----------------------------------------------------------------------------
+    def workers(self) -> int:
+        return 1
+
+    def init_weight_sync(self, master_address: str, master_port: int, rank_offset: int,
+                         world_size: int, timeout_s: float = 300.0,
+                         bucket_bytes: int | None = None) -> None:
+        """Join the trainer<->engines group (every member calls this at the same time)."""
+        from actors.weight_sync import open_group
+        self.group = open_group(master_address, master_port, rank_offset, world_size, timeout_s)
+
+    @dispatch(ALL)
+    def update_weights(self, info: dict) -> dict:
+        """Receive one full set of weights (while the trainer sends it) into the model's own
+        parameters; raises :class:`WeightSyncError` naming any that did not arrive."""
+        from actors.weight_sync import SyncTally, UpdateInfo, receive_buckets
+        tally = SyncTally(set(self.params))
+        with torch.no_grad():
+            for batch in receive_buckets(self.group, UpdateInfo(**info), tally):
+                for name, tensor in batch:
+                    self.params[name].copy_(tensor)
+        report = tally.report()
+        self._check_report(report)
+        log.info("rollout engine %d: %d tensors received in %.2fs", self.rank,
+                 report["received"], report["seconds"])
+        return {"rank": self.rank, "received": report["received"], "checked": True,
+                "seconds": report["seconds"]}

@@ -1,0 +1,159 @@
+"""The transformers rollout backend (actors/rollout_hf.py), in this process without Ray.
+
+Weights come over a real two-rank gloo group: the trainer side sends from a thread, the
+engine receives in the test's thread, the same code paths the actors run.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+
+from actors.rollout import RolloutSettings
+from actors.rollout_hf import HFRolloutEngine
+from actors.weight_sync import WeightSyncError, describe, open_group, send_weights
+from orchestrator.config import RunConfig
+from orchestrator.schema import ConfigError
+from orchestrator.tiny_model import build_model
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(build_model(tmp_path_factory.mktemp("hf-rollout") / "model", "tiny", seed=0))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    torch.set_num_threads(1)
+    return HFRolloutEngine(0, 1, RolloutSettings(model_dir, max_model_len=64, backend="hf"))
+
+
+PROMPTS = [[5, 17, 33, 8], [40, 41], [9, 10, 11, 12, 13, 14]]
+
+
+def test_samples_line_up_with_prompts_and_carry_their_logprobs(engine):
+    out = engine.generate(PROMPTS, dict(n=3, max_new_tokens=8, seed=7))
+    assert len(out) == 9
+    assert [s.prompt_ids for s in out] == [p for p in PROMPTS for _ in range(3)]
+    for s in out:
+        assert 1 <= len(s.response_ids) <= 8 and len(s.logprobs) == len(s.response_ids)
+        assert s.finish_reason in ("stop", "length")
+        if s.finish_reason == "stop":  # EOS ends the response and is kept, as in vLLM
+            assert s.response_ids[-1] in engine.eos and not set(s.response_ids[:-1]) & engine.eos
+        else:
+            assert len(s.response_ids) == 8
+    # the sampling log-probs are the model's own (T = 1) log-probs of those tokens
+    scored = engine.logprobs([(s.prompt_ids, s.response_ids) for s in out])
+    gap = max(abs(a - b) for s, lp in zip(out, scored) for a, b in zip(s.logprobs, lp))
+    assert gap < 1e-4
+
+
+def test_seeded_calls_repeat_and_samples_of_a_prompt_differ(engine):
+    a = engine.generate(PROMPTS[:1], dict(n=6, max_new_tokens=8, seed=3, ignore_eos=True))
+    b = engine.generate(PROMPTS[:1], dict(n=6, max_new_tokens=8, seed=3, ignore_eos=True))
+    c = engine.generate(PROMPTS[:1], dict(n=6, max_new_tokens=8, seed=4, ignore_eos=True))
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    assert [s.response_ids for s in a] != [s.response_ids for s in c]
+    assert len({tuple(s.response_ids) for s in a}) > 1
+    assert all(len(s.response_ids) == 8 and s.finish_reason == "length" for s in a)
+
+
+def test_greedy_is_deterministic_without_a_seed(engine):
+    a = engine.generate(PROMPTS, dict(n=1, max_new_tokens=6, temperature=0))
+    b = engine.generate(PROMPTS, dict(n=1, max_new_tokens=6, temperature=0))
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+
+
+def test_stop_string_ends_the_response_at_the_token_that_completes_it(engine):
+    out = engine.generate(PROMPTS, dict(n=4, max_new_tokens=24, seed=1, ignore_eos=True))
+    # pick a string the unconstrained samples produce, then stop on it
+    text = engine.tokenizer.decode(out[0].response_ids)
+    stop = text[len(text) // 2:len(text) // 2 + 1]
+    # the same call with the stop string: the same draws, up to where the string is complete
+    cut = engine.generate(PROMPTS, dict(n=4, max_new_tokens=24, seed=1, ignore_eos=True,
+                                        stop=[stop]))[0]
+    assert cut.finish_reason == "stop"
+    assert stop in engine.tokenizer.decode(cut.response_ids)
+    assert stop not in engine.tokenizer.decode(cut.response_ids[:-1])
+    assert cut.response_ids == out[0].response_ids[:len(cut.response_ids)]
+
+
+def test_long_prompts_follow_the_long_prompt_setting(model_dir):
+    long_prompt = list(range(5, 5 + 70))
+    skip = HFRolloutEngine(0, 1, RolloutSettings(model_dir, max_model_len=64, backend="hf",
+                                                 long_prompt="skip"))
+    out = skip.generate([PROMPTS[0], long_prompt], dict(n=2, max_new_tokens=4))
+    assert [s.finish_reason for s in out[2:]] == ["skipped", "skipped"]
+    assert all(s.response_ids for s in out[:2])
+    error = HFRolloutEngine(0, 1, RolloutSettings(model_dir, max_model_len=64, backend="hf"))
+    with pytest.raises(ValueError, match="rollout engine 0: prompt 1 has 70 tokens"):
+        error.generate([PROMPTS[0], long_prompt], dict(n=1))
+    # a response never runs past max_model_len
+    near = error.generate([list(range(5, 5 + 60))], dict(n=1, max_new_tokens=16,
+                                                         ignore_eos=True))[0]
+    assert len(near.response_ids) == 4 and near.finish_reason == "length"
+
+
+def test_engine_that_cannot_load_names_its_rank_and_path(tmp_path):
+    with pytest.raises(RuntimeError, match=r"rollout engine 2: transformers could not load .*nowhere"):
+        HFRolloutEngine(2, 3, RolloutSettings(str(tmp_path / "nowhere"), backend="hf"))
+
+
+def _sync(engine, module, exclude=()):
+    """Send ``module``'s parameters to ``engine`` over a fresh two-rank gloo group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    info = describe(module, bucket_bytes=64 << 10, exclude=exclude)
+    sender: dict = {}
+
+    def trainer():
+        group = open_group("127.0.0.1", port, 0, 2, timeout_s=30)
+        sender["stats"] = send_weights(module.named_parameters(), info, group)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    try:
+        engine.init_weight_sync("127.0.0.1", port, 1, 2, timeout_s=30)
+        return engine.update_weights(info.payload())
+    finally:
+        thread.join(timeout=60)
+
+
+def test_weights_sent_over_gloo_reach_the_engine_and_a_skipped_one_is_named(model_dir):
+    from transformers import AutoModelForCausalLM
+    engine = HFRolloutEngine(0, 1, RolloutSettings(model_dir, max_model_len=64, backend="hf"))
+    trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seqs = [(p, [7, 8, 9, 10]) for p in PROMPTS]
+    want = [torch.log_softmax(trained(torch.tensor([p + r])).logits[0, len(p) - 1:-1], -1)
+            .gather(-1, torch.tensor(r)[:, None]).squeeze(-1).tolist() for p, r in seqs]
+    stale = engine.logprobs(seqs)
+    assert max(abs(a - b) for x, y in zip(want, stale) for a, b in zip(x, y)) > 1e-2
+
+    report = _sync(engine, trained)
+    assert report["received"] == len(dict(trained.named_parameters()))
+    synced = engine.logprobs(seqs)
+    assert max(abs(a - b) for x, y in zip(want, synced) for a, b in zip(x, y)) < 1e-4
+
+    # leave out one layer's MLP: the engine names what it did not get
+    with pytest.raises(WeightSyncError, match=r"missing: model\.layers\.1\.mlp"):
+        _sync(engine, trained, exclude=("model.layers.1.mlp.",))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["rollout.backend=hf", "rollout.gpus=1", "policy.gpus=1"], "rollout.gpus"),
+    (["rollout.backend=hf", "rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size"),
+])
+def test_config_refuses_what_the_hf_backend_cannot_do(overrides, key):
+    base = {"algorithm": "grpo", "run_dir": "/tmp/x", "model": {"path": "m"},
+            "data": {"train": "t.jsonl"}, "reward": {"function": "m:f"},
+            "rl": {"prompts_per_step": 2, "group_size": 2}, "train": {"batch_size": 4}}
+    with pytest.raises(ConfigError, match=key):
+        RunConfig.from_dict(base, overrides)
