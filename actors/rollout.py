@@ -49,6 +49,7 @@ class RolloutSettings:
     long_prompt: str = "error"           # a prompt that leaves no room: error, truncate or skip
     backend: str = "vllm"                # vllm, or hf (transformers generate: actors/rollout_hf.py)
     threads: int = 1                     # hf: torch threads (vLLM binds its own, cpu_threads_bind)
+    max_num_seqs: int | None = None      # sequences decoded at once (None: vLLM's default; hf 256)
 
 
 @dataclass
@@ -179,6 +180,8 @@ class RolloutEngine(EngineBase):
             enforce_eager=s.enforce_eager, gpu_memory_utilization=s.gpu_memory_utilization,
             logprobs_mode=s.logprobs_mode, distributed_executor_backend=backend,
             worker_extension_cls="actors.vllm_weight_engine.WeightSyncExtension")
+        if s.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = s.max_num_seqs
         if s.weight_sync:
             kwargs["weight_transfer_config"] = {"backend": s.weight_backend}
         if not _has_gpu():

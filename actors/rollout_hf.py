@@ -13,7 +13,10 @@ parallelism: for GPUs and real model sizes, use vLLM.
 Differences a caller can see:
 
 - ``Sampling.seed`` seeds one torch generator for the whole call, so a seeded call repeats
-  itself, but its samples are not those a vLLM engine gives for the same seed.
+  itself, but its samples are not those a vLLM engine gives for the same seed. Unseeded calls
+  draw their seeds from ``rollout.seed`` + the engine's rank.
+- At most ``max_num_seqs`` (default 256) sequences are decoded together; the rest of a call
+  waits for the next round.
 - Responses of one call are decoded together, left-padded to the longest prompt; each stops
   at EOS (kept, as vLLM keeps it), at a stop string (its tokens kept), or at
   ``max_new_tokens`` / ``max_model_len``.
@@ -50,6 +53,7 @@ class HFRolloutEngine(EngineBase):
             raise RuntimeError(f"rollout engine {rank}: transformers could not load "
                                f"{s.model_path} ({type(e).__name__}: {e})") from e
         self.model.eval().requires_grad_(False)
+        torch.manual_seed(s.seed + rank)  # unseeded calls draw their seeds from here
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -71,12 +75,21 @@ class HFRolloutEngine(EngineBase):
         prompts, skipped = self._fit_prompts([list(p) for p in prompts])
         todo = [i for i in range(len(prompts)) if i not in skipped]
         rows = [prompts[i] for i in todo for _ in range(sp.n)]
-        done = self._sample(rows, sp) if rows else []
+        generator = torch.Generator()
+        if sp.seed is None:  # unseeded calls differ from each other, seeded ones repeat
+            generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        else:
+            generator.manual_seed(sp.seed)
+        chunk = self.settings.max_num_seqs or 256  # bounds the KV cache of one generate call
+        done = []
+        for start in range(0, len(rows), chunk):
+            done += self._sample(rows[start:start + chunk], sp, generator)
         outputs = {i: done[k * sp.n:(k + 1) * sp.n] for k, i in enumerate(todo)}
         return self._in_prompt_order(prompts, skipped, sp.n, outputs)
 
     @torch.no_grad()
-    def _sample(self, rows: list[list[int]], sp: Sampling) -> list[RolloutSample]:
+    def _sample(self, rows: list[list[int]], sp: Sampling,
+                generator: torch.Generator) -> list[RolloutSample]:
         from transformers import GenerationConfig
         limit = self.settings.max_model_len
         width = max(len(r) for r in rows)
@@ -94,17 +107,16 @@ class HFRolloutEngine(EngineBase):
             eos_token_id=None if sp.ignore_eos else sorted(self.eos),
             pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True,
             stop_strings=list(sp.stop) or None)
-        generator_state = None
-        if sp.seed is not None:  # one seed for the call: a seeded call repeats itself
-            generator_state = torch.random.get_rng_state()
-            torch.manual_seed(sp.seed)
+        # transformers samples from torch's global generator: lend it this call's state
+        saved = torch.random.get_rng_state()
+        torch.random.set_rng_state(generator.get_state())
         try:
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config,
                 tokenizer=self.tokenizer if sp.stop else None)
         finally:
-            if generator_state is not None:  # unseeded calls stay as random as before
-                torch.random.set_rng_state(generator_state)
+            generator.set_state(torch.random.get_rng_state())
+            torch.random.set_rng_state(saved)
         new = out.sequences[:, width:]
         # log p of each sampled token under the raw (untempered, unfiltered) distribution
         picked = torch.stack([torch.log_softmax(step.float(), dim=-1)

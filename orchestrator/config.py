@@ -109,6 +109,9 @@ class RolloutConfig(RoleConfig):
     long_prompt: str = param("error", "a prompt longer than max_model_len - 1 tokens: stop with an "
                                       "error, keep its last tokens, or skip it",
                              choices=("error", "truncate", "skip"))
+    max_num_seqs: Optional[int] = param(None, "most sequences an engine decodes at once (the "
+                                              "rest wait); none: vLLM's default, 256 for hf",
+                                        ge=1)
     backend: str = param("vllm", "what generates: vLLM engines, or transformers' generate in the "
                                  "actor (hf: CPU only, tensor_parallel_size 1; faster than vLLM "
                                  "for tiny models on a CPU)", choices=("vllm", "hf"))

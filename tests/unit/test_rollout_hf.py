@@ -62,6 +62,21 @@ def test_seeded_calls_repeat_and_samples_of_a_prompt_differ(engine):
     assert all(len(s.response_ids) == 8 and s.finish_reason == "length" for s in a)
 
 
+def test_a_call_larger_than_max_num_seqs_is_decoded_in_rounds(model_dir):
+    small = HFRolloutEngine(0, 1, RolloutSettings(model_dir, max_model_len=64, backend="hf",
+                                                  max_num_seqs=4))
+    sp = dict(n=3, max_new_tokens=6, seed=5)
+    out = small.generate(PROMPTS, sp)  # 9 sequences: rounds of 4, 4 and 1
+    assert [s.prompt_ids for s in out] == [p for p in PROMPTS for _ in range(3)]
+    assert [s.response_ids for s in out] == [s.response_ids for s in small.generate(PROMPTS, sp)]
+    scored = small.logprobs([(s.prompt_ids, s.response_ids) for s in out])
+    assert max(abs(a - b) for s, lp in zip(out, scored) for a, b in zip(s.logprobs, lp)) < 1e-4
+    # unseeded calls differ from each other
+    free = dict(n=3, max_new_tokens=6, ignore_eos=True)
+    assert ([s.response_ids for s in small.generate(PROMPTS, free)]
+            != [s.response_ids for s in small.generate(PROMPTS, free)])
+
+
 def test_greedy_is_deterministic_without_a_seed(engine):
     a = engine.generate(PROMPTS, dict(n=1, max_new_tokens=6, temperature=0))
     b = engine.generate(PROMPTS, dict(n=1, max_new_tokens=6, temperature=0))
