@@ -1,4 +1,5 @@
-"""Generation throughput: one rollout engine (vLLM on CPU) vs. Hugging Face ``model.generate``.
+"""Generation throughput: one rollout engine (vLLM on CPU, or ``--backend hf``) vs. Hugging Face
+``model.generate``.
 
 Both sides sample from the same "small" Llama (~2.9M parameters, float32, built with
 ``orchestrator.tiny_model.build_model``) on the same prompts: ``--prompts`` synthetic-task
@@ -31,6 +32,7 @@ Run from the repository root (about 1-2 minutes on 2 cores)::
 
     .venv/bin/python benchmarks/generate.py
     .venv/bin/python benchmarks/generate.py --prompts 128 --max-new-tokens 128 --rounds 5
+    .venv/bin/python benchmarks/generate.py --backend hf   # the transformers rollout backend
 
 The rollout side runs first and its Ray instance is shut down before the Hugging Face side
 starts, so the two never share the CPU. The 1-minute load average is printed.
@@ -67,6 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="prompt choice and sampling seed")
     p.add_argument("--respect-eos", action="store_true",
                    help="stop responses at EOS on both sides (default: ignore EOS if supported)")
+    p.add_argument("--backend", default="vllm", choices=("vllm", "hf"),
+                   help="rollout.backend of the engine: vLLM, or transformers generate in the actor")
     p.add_argument("--out", default="runs/bench/generate", help="work dir (model)")
     args = p.parse_args(argv)
     if min(args.prompts, args.max_new_tokens, args.rounds) < 1:
@@ -124,13 +128,12 @@ def run_rollout(args, model_dir: Path, prompts: list[list[int]]) -> dict:
     import torch
 
     from actors.group import ActorGroup
-    from actors.rollout import RolloutEngine
     from orchestrator.config import ModelConfig, RolloutConfig
     from orchestrator.placement import RoleRequest, place
-    from orchestrator.roles import rollout_settings
+    from orchestrator.roles import engine_class, rollout_settings
 
     cfg = RolloutConfig(actors=1, cpus=CORES, max_model_len=args.max_model_len,
-                        kv_cache_gib=args.kv_cache_gib, seed=args.seed)
+                        kv_cache_gib=args.kv_cache_gib, seed=args.seed, backend=args.backend)
     settings = rollout_settings(ModelConfig(path=str(model_dir), dtype="float32"), cfg)
     sampling = {"n": 1, "temperature": 1.0, "top_p": 1.0, "top_k": 0,
                 "max_new_tokens": args.max_new_tokens}
@@ -139,7 +142,7 @@ def run_rollout(args, model_dir: Path, prompts: list[list[int]]) -> dict:
     ray.init(num_cpus=CORES, include_dashboard=False, logging_level=logging.WARNING)
     try:
         t0 = time.perf_counter()
-        group = ActorGroup("rollout", RolloutEngine,
+        group = ActorGroup("rollout", engine_class(cfg),
                            place(RoleRequest("rollout", cfg.actors, cfg.cpus, 0), 60),
                            cfg.actors, cfg.cpus, 0, init_args=(settings,), env=ENGINE_ENV)
         threads = ray.get(group.actors[0].__ray_call__.remote(lambda self: torch.get_num_threads()))
@@ -241,8 +244,9 @@ def report(args, n_params: int, prompts, ro: dict, hf: dict) -> str:
          "responses ended at EOS (last round) |"),
         "|---|---:|---:|---|---:|---:|",
     ]
-    engine_name = (f"rollout engine (ActorGroup, 1 x RolloutEngine, {CORES} CPUs, vLLM "
-                   f"{vllm.__version__})")
+    kind = (f"vLLM {vllm.__version__}" if args.backend == "vllm"
+            else f"backend hf: transformers {transformers.__version__} generate")
+    engine_name = f"rollout engine (ActorGroup, 1 engine, {CORES} CPUs, {kind})"
     hf_name = (f"HF generate (transformers {transformers.__version__}, {hf['threads']} threads, "
                f"batch {args.prompts})")
     for name, r in ((engine_name, ro), (hf_name, hf)):

@@ -52,6 +52,7 @@ def generate(model: str | Path, prompts: str | Path, out: str | Path, sampling: 
              reward_fn: str | None = None, on_bad_row: str = "error") -> GenerateResult:
     """Sample responses to every prompt in ``prompts`` and write them to ``out`` (JSONL)."""
     rollout = rollout or RolloutConfig()
+    rollout.check()
     cluster = cluster or ClusterConfig()
     model_cfg = ModelConfig(path=str(model_dir_of(model)))
     scorer = load_reward_fn(reward_fn)
