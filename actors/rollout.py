@@ -27,6 +27,10 @@ from actors.group import ALL, SCATTER, dispatch
 log = logging.getLogger(__name__)
 
 Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
+# added per engine rank to a call's seed; odd and near 2**31.6, because a CPU torch generator
+# keeps only a seed's low 32 bits, and so that it does not meet the per-request and per-step
+# offsets (j * n, 100003 * step) of other engines or steps in any run shorter than ~26000 steps
+SEED_STRIDE = 0x9E3779B1
 
 
 @dataclass
@@ -61,7 +65,8 @@ class Sampling:
     top_k: int = 0                       # 0: no top-k cut
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
-    seed: int | None = None              # sample k of prompt j (this engine's share): seed + j*n + k
+    seed: int | None = None              # sample k of prompt j of engine r's share (vLLM):
+                                         # seed + r * SEED_STRIDE + j*n + k (engines draw apart)
     ignore_eos: bool = False             # keep sampling past EOS (benchmarks: fixed lengths)
 
     @classmethod
@@ -144,6 +149,12 @@ class EngineBase:
                 f"{len(rep['missing'])} parameter(s) missing: {_short(rep['missing'])}; "
                 f"{len(rep['unexpected'])} unknown: {_short(rep['unexpected'])}")
 
+    def _call_seed(self, seed: int) -> int:
+        """This engine's seed for a call seeded with ``seed``: the engines of a group get the
+        same sampling arguments, and would otherwise draw the same random numbers for
+        different prompts."""
+        return seed + self.rank * SEED_STRIDE
+
     def workers(self) -> int:
         """Ranks this engine takes in the weight-sync group (one per worker)."""
         return self.settings.tensor_parallel_size
@@ -214,7 +225,8 @@ class RolloutEngine(EngineBase):
                 n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
                 max_tokens=sp.max_new_tokens, stop=list(sp.stop), logprobs=0,
                 detokenize=bool(sp.stop),  # callers decode ids themselves; stop strings need text
-                ignore_eos=sp.ignore_eos, seed=None if sp.seed is None else sp.seed + i * sp.n)
+                ignore_eos=sp.ignore_eos,
+                seed=None if sp.seed is None else self._call_seed(sp.seed) + i * sp.n)
         todo = [i for i in range(len(prompts)) if i not in skipped]
         results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in todo],
                                     [params(i) for i in todo], use_tqdm=False) if todo else []

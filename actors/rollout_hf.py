@@ -79,7 +79,7 @@ class HFRolloutEngine(EngineBase):
         if sp.seed is None:  # unseeded calls differ from each other, seeded ones repeat
             generator.manual_seed(int(torch.randint(0, 2**62, ())))
         else:
-            generator.manual_seed(sp.seed)
+            generator.manual_seed(self._call_seed(sp.seed))
         chunk = self.settings.max_num_seqs or 256  # bounds the KV cache of one generate call
         done = []
         for start in range(0, len(rows), chunk):

@@ -60,6 +60,10 @@ def test_seeded_calls_repeat_and_samples_of_a_prompt_differ(engine):
     assert [s.response_ids for s in a] != [s.response_ids for s in c]
     assert len({tuple(s.response_ids) for s in a}) > 1
     assert all(len(s.response_ids) == 8 and s.finish_reason == "length" for s in a)
+    # another engine of the group, given the same seed, draws other numbers
+    other = HFRolloutEngine(1, 2, engine.settings)
+    d = other.generate(PROMPTS[:1], dict(n=6, max_new_tokens=8, seed=3, ignore_eos=True))
+    assert [s.response_ids for s in a] != [s.response_ids for s in d]
 
 
 def test_a_call_larger_than_max_num_seqs_is_decoded_in_rounds(model_dir):
