@@ -30,7 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--min-words", type=int, default=8)
     d.add_argument("--max-words", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
-    g = sub.add_parser("generate", help="sample from a model or checkpoint dir with vLLM engines")
+    g = sub.add_parser("generate", help="sample from a model or checkpoint dir with the rollout group "
+                       "(vLLM engines, or rollout.backend=hf)")
     g.add_argument("model", help="Hugging Face model dir, or a checkpoint dir holding model/")
     g.add_argument("prompts", help="prompt file (.jsonl, .parquet or .arrow) with a 'prompt' column")
     g.add_argument("--out", required=True, help="JSONL file to write the samples to")
