@@ -52,7 +52,8 @@ class RolloutSettings:
     weight_backend: str = "rayalign_gloo"  # its backend: ours over gloo (CPU), vLLM's nccl (GPU)
     long_prompt: str = "error"           # a prompt that leaves no room: error, truncate or skip
     backend: str = "vllm"                # vllm, or hf (transformers generate: actors/rollout_hf.py)
-    threads: int = 1                     # hf: torch threads (vLLM binds its own, cpu_threads_bind)
+    cpus: float = 1.0                    # hf: the role's CPUs, its torch threads (vLLM binds its
+                                         # own, cpu_threads_bind)
     max_num_seqs: int | None = None      # sequences decoded at once (None: vLLM's default; hf 256)
 
 

@@ -43,7 +43,7 @@ class HFRolloutEngine(EngineBase):
 
         from actors.runtime import DTYPES, set_threads
         s = settings
-        set_threads(s.threads)
+        set_threads(s.cpus)
         t0 = time.perf_counter()
         try:
             self.model = AutoModelForCausalLM.from_pretrained(
@@ -64,7 +64,7 @@ class HFRolloutEngine(EngineBase):
         # every parameter the model holds must arrive in a sync (a tied head comes once)
         self.params = dict(self.model.named_parameters())
         log.info("rollout engine %d up in %.1fs (%s, transformers generate, %d threads)", rank,
-                 time.perf_counter() - t0, s.model_path, s.threads)
+                 time.perf_counter() - t0, s.model_path, torch.get_num_threads())
 
     # ---- sampling ---------------------------------------------------------------------------
     @dispatch(SCATTER)

@@ -3,9 +3,9 @@
 Builds a "small" Llama (~2.9M parameters) and a synthetic preference set in ``--out``, then
 trains DPO twice, one after the other in this process:
 
-* rayalign: ``orchestrator.train`` (the public ``train``) with an embedded local Ray, the policy under DeepSpeed
-  (ZeRO ``--zero-stage``) using the machine's 2 cores, reference log-probs precomputed once
-  before step 1, sequences packed.
+* rayalign: ``orchestrator.train`` (the public ``train``) with an embedded local Ray, the
+  policy under DeepSpeed (ZeRO ``--zero-stage``) using the machine's 2 cores, reference
+  log-probs precomputed once before step 1, sequences packed.
 * TRL: ``trl.DPOTrainer`` on CPU with 2 torch threads, reference log-probs computed per batch
   by a reference copy of the model (TRL's default), sequences padded (TRL's default).
 

@@ -173,7 +173,7 @@ def rollout_settings(model_cfg, rollout):
         kv_cache_gib=rollout.kv_cache_gib, cpu_threads_bind=rollout.cpu_threads_bind,
         in_actor=rollout.in_actor, long_prompt=rollout.long_prompt,
         weight_backend=backend_for(rollout.gpus), backend=rollout.backend,
-        threads=max(1, round(rollout.cpus)), max_num_seqs=rollout.max_num_seqs)
+        cpus=rollout.cpus, max_num_seqs=rollout.max_num_seqs)
 
 
 def engine_class(rollout) -> type:
