@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 DEMO    ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-unit test-e2e bench clean-demo
+.PHONY: setup demo test test-fast test-unit test-e2e bench clean-demo
 
 setup: $(STAMP)
 
@@ -19,17 +19,23 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	touch $(STAMP)
 
-# The main job: a tiny DPO run, then a tiny GRPO run, on an embedded local Ray instance, CPU only.
+# The main job, on an embedded local Ray instance, CPU only: a tiny DPO run, a tiny GRPO run,
+# then the RLHF pipeline (SFT -> reward model -> PPO, and SFT -> DPO; done stages are skipped).
 demo: $(STAMP)
 	test -f $(DEMO)/model/config.json || $(VENV)/bin/rayalign tiny-model $(DEMO)/model --size small
-	test -f $(DEMO)/data/train.jsonl || $(VENV)/bin/rayalign synthetic-data $(DEMO)/data \
+	test -f $(DEMO)/data/sft.jsonl || $(VENV)/bin/rayalign synthetic-data $(DEMO)/data \
 		--train 1000 --eval 128 --min-words 4 --max-words 16
 	$(VENV)/bin/rayalign train configs/dpo-tiny.yaml run_dir=$(DEMO)/dpo checkpoint.resume=never
 	$(VENV)/bin/rayalign train configs/grpo-tiny.yaml run_dir=$(DEMO)/grpo
+	$(VENV)/bin/rayalign pipeline configs/rlhf-tiny.yaml run_dir=$(DEMO)/rlhf
 
 # Unit and end-to-end tests (CI runs this target).
 test: $(STAMP)
 	$(PY) -m pytest tests -m "unit or e2e" $(PYTEST_ARGS)
+
+# Unit tests plus one short end-to-end run (SFT under ZeRO-3, stopped and resumed): a few minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "unit or smoke" $(PYTEST_ARGS)
 
 test-unit: $(STAMP)
 	$(PY) -m pytest tests -m unit $(PYTEST_ARGS)

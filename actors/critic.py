@@ -14,8 +14,8 @@ import torch
 
 from actors.deepspeed_actor import DeepSpeedActor
 from actors.group import ALL, SCATTER, SHARDS, dispatch
-from actors.logprobs import Sequence, build_inputs, by_sequence, per_response_token
-from actors.runtime import DTYPES, load_tokenizer
+from actors.logprobs import Sequence, build_inputs, by_sequence, model_kwargs, per_response_token
+from actors.runtime import DTYPES, attention, load_tokenizer
 from orchestrator.batches import RolloutBatch
 from orchestrator.rl_losses import value_loss
 
@@ -36,7 +36,8 @@ def load_value_model(path: str, dtype: str, attn_implementation: str):
     hf_logging.set_verbosity_error()  # a missing head is expected: it is made here
     try:
         model, info = AutoModelForTokenClassification.from_pretrained(
-            path, config=config, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
+            path, config=config, dtype=DTYPES[dtype],
+            attn_implementation=attention(attn_implementation),
             output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -51,13 +52,8 @@ def load_value_model(path: str, dtype: str, attn_implementation: str):
 
 def token_values(model, inputs) -> torch.Tensor:
     """Value at each position that predicts a response token, flat in sequence order."""
-    device = next(model.parameters()).device
-    kwargs = dict(input_ids=inputs.input_ids.to(device), position_ids=inputs.position_ids.to(device),
-                  use_cache=False)
-    if inputs.attention_mask is not None:
-        kwargs["attention_mask"] = inputs.attention_mask.to(device)
-    out = model(**kwargs).logits.float().reshape(-1)
-    return by_sequence(out[inputs.keep.to(device)], inputs)
+    out = model(**model_kwargs(model, inputs)).logits.float().reshape(-1)
+    return by_sequence(out[inputs.keep.to(out.device)], inputs)
 
 
 class Critic(DeepSpeedActor):
@@ -83,7 +79,7 @@ class Critic(DeepSpeedActor):
         """Per-response-token values of each (prompt, response)."""
         self.engine.eval()
         return per_response_token(self.engine, sequences, self.cfg.train.micro_batch_size,
-                                  self.cfg.train.pack, self.pad_id, token_values)
+                                  self.cfg.packing, self.pad_id, token_values)
 
     @dispatch(SHARDS)
     def critic_step(self, batch: RolloutBatch) -> dict:
@@ -94,7 +90,7 @@ class Critic(DeepSpeedActor):
         engine.train()
         for _ in range(rl.epochs):
             for mb in batch.micro_batches(micro):
-                inputs = build_inputs(mb.sequences, self.cfg.train.pack, self.pad_id)
+                inputs = build_inputs(mb.sequences, self.cfg.packing, self.pad_id)
                 mask = mb.mask.bool()
                 values = torch.zeros(mask.shape, dtype=torch.float32)
                 values = values.masked_scatter(mask, token_values(engine, inputs))

@@ -75,15 +75,21 @@ class DeepSpeedActor:
         o, cfg = self.cfg.optim, self.cfg
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
+        # fused: one kernel per parameter group instead of a loop of element-wise ops (the
+        # optimizer holds float32 or bfloat16 parameters: DeepSpeed keeps float32 masters for
+        # float16 training)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
-            lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.eps)
+            lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(o.warmup_steps, cfg.train.max_steps, o.schedule))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(cfg, self.role_cfg))
+        if self.role_cfg.zero_stage == 0 and self.world_size == 1 and cfg.model.dtype == "float32":
+            # alone, DeepSpeed's gradient all-reduce only flattens and copies the gradients back
+            self.engine.enable_backward_allreduce = False
         return self.engine
 
     def step(self) -> None:

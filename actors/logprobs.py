@@ -1,7 +1,9 @@
 """Per-sequence log-probabilities of response tokens, packed or padded.
 
-A sequence is (prompt ids, response ids). Its log-prob is the sum over response tokens of
-log p(token | everything before it); prompt tokens never count. With packing, the sequences
+A sequence is (prompt ids, response ids), or for a conversation trained on every reply,
+(context, reply, context, reply, ...): token lists that alternate between context and scored
+tokens. Its log-prob is the sum over scored (response) tokens of log p(token | everything
+before it); prompt and context tokens never count. With packing, the sequences
 of a micro-batch are binned into rows as wide as the longest one; position ids restart at 0
 for each sequence, so transformers builds block-diagonal causal masks, and almost no
 compute goes to padding. Only the positions that predict response tokens are sent through
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-Sequence = tuple[list[int], list[int]]  # (prompt ids, response ids)
+Sequence = tuple[list[int], ...]  # (prompt ids, response ids) or (context, reply, ...)
 
 
 @dataclass
@@ -24,7 +26,8 @@ class ModelInputs:
     input_ids / position_ids: [rows, W]; attention_mask: [rows, W], or None when packed
     (position ids then mark where each sequence starts). keep: flat indices into rows*W of
     the positions whose next token is a response token; targets: those next tokens;
-    owner: which sequence each kept position belongs to.
+    owner: which sequence each kept position belongs to; last: flat index of each sequence's
+    last token, in sequence order (where a reward model reads its score).
     """
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -33,6 +36,7 @@ class ModelInputs:
     targets: torch.Tensor
     owner: torch.Tensor
     num_sequences: int
+    last: torch.Tensor | None = None
 
 
 def pack_rows(lengths: list[int]) -> tuple[int, list[list[int]]]:
@@ -56,36 +60,45 @@ def pack_rows(lengths: list[int]) -> tuple[int, list[list[int]]]:
     return width, rows
 
 
-def build_inputs(seqs: list[Sequence], pack: bool, pad_id: int = 0) -> ModelInputs:
-    """Lay sequences out packed into rows (``pack``) or one right-padded row per sequence."""
-    lengths = [len(p) + len(r) for p, r in seqs]
-    if pack:
+def build_inputs(seqs: list[Sequence], pack: bool | str, pad_id: int = 0) -> ModelInputs:
+    """Lay sequences out one right-padded row per sequence (``pack`` False), packed into rows
+    as wide as the longest (True), or all in one row without padding (``"one_row"``, for the
+    varlen attention of actors/packed_attention.py, which keeps them apart)."""
+    lengths = [sum(map(len, s)) for s in seqs]
+    if pack == "one_row":
+        width, rows = sum(lengths), [list(range(len(seqs)))]
+    elif pack:
         width, rows = pack_rows(lengths)
     else:
         width, rows = max(lengths), [[s] for s in range(len(seqs))]
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     mask = None if pack else torch.zeros((len(rows), width), dtype=torch.long)
-    keep, targets, owner = [], [], []
+    keep, targets, owner, last = [], [], [], [0] * len(seqs)
     for r, members in enumerate(rows):
         col = 0
         for s in members:
-            p, resp = seqs[s]
-            n = len(p) + len(resp)
-            input_ids[r, col:col + n] = torch.tensor(p + resp)
+            n = lengths[s]
+            input_ids[r, col:col + n] = torch.tensor([t for seg in seqs[s] for t in seg])
             position_ids[r, col:col + n] = torch.arange(n)
             if mask is not None:
                 mask[r, col:col + n] = 1
-            # position t predicts token t+1; response tokens sit at len(p) .. n-1
-            start = r * width + col
-            keep += range(start + len(p) - 1, start + n - 1)
-            targets += resp
-            owner += [s] * len(resp)
+            # position t predicts token t+1: a scored segment at offset o of length m is
+            # predicted from positions o-1 .. o+m-2
+            offset = r * width + col
+            for k, seg in enumerate(seqs[s]):
+                if k % 2:
+                    keep += range(offset - 1, offset + len(seg) - 1)
+                    targets += seg
+                    owner += [s] * len(seg)
+                offset += len(seg)
+            last[s] = offset - 1
             col += n
         # the filler at the end of a packed row counts as one more sequence of its own
         position_ids[r, col:] = torch.arange(width - col)
-    return ModelInputs(input_ids, position_ids, mask, torch.tensor(keep), torch.tensor(targets),
-                       torch.tensor(owner), len(seqs))
+    return ModelInputs(input_ids, position_ids, mask, torch.tensor(keep, dtype=torch.long),
+                       torch.tensor(targets, dtype=torch.long), torch.tensor(owner, dtype=torch.long),
+                       len(seqs), torch.tensor(last, dtype=torch.long))
 
 
 @contextmanager
@@ -104,23 +117,61 @@ def head_on_positions(model, keep: torch.Tensor):
         handle.remove()
 
 
-def token_logprobs(model, inputs: ModelInputs, entropy: bool = False):
-    """Log-prob of each response token, flat in the order of ``inputs.keep``; with ``entropy``,
-    also the entropy of the model's next-token distribution at each of those positions."""
+def model_kwargs(model, inputs: ModelInputs) -> dict:
+    """The forward arguments of ``inputs`` on the model's device."""
     device = next(model.parameters()).device
     kwargs = dict(input_ids=inputs.input_ids.to(device), position_ids=inputs.position_ids.to(device),
                   use_cache=False)
     if inputs.attention_mask is not None:
         kwargs["attention_mask"] = inputs.attention_mask.to(device)
-    with head_on_positions(model, inputs.keep.to(device)):
-        logits = model(**kwargs).logits[0].float()
-    targets = inputs.targets.to(device)
+    return kwargs
+
+
+def response_logits(model, inputs: ModelInputs) -> torch.Tensor:
+    """Logits [len(keep), vocab] at the positions that predict response tokens (float32)."""
+    kwargs = model_kwargs(model, inputs)
+    with head_on_positions(model, inputs.keep.to(kwargs["input_ids"].device)):
+        return model(**kwargs).logits[0].float()
+
+
+def token_logprobs(model, inputs: ModelInputs, entropy: bool = False):
+    """Log-prob of each response token, flat in the order of ``inputs.keep``; with ``entropy``,
+    also the entropy of the model's next-token distribution at each of those positions."""
+    logits = response_logits(model, inputs)
+    targets = inputs.targets.to(logits.device)
     picked = logits.gather(-1, targets[:, None]).squeeze(-1)
     logz = torch.logsumexp(logits, dim=-1)
     if not entropy:
         return picked - logz
     probs = torch.softmax(logits, dim=-1)
     return picked - logz, logz - (probs * logits).sum(-1)
+
+
+def token_logprobs_and_hits(model, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-prob of each response token (``keep`` order) and whether it is the model's most
+    likely next token there (token accuracy)."""
+    logits = response_logits(model, inputs)
+    targets = inputs.targets.to(logits.device)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logp, logits.argmax(-1) == targets
+
+
+def sequence_scores(model, inputs: ModelInputs) -> torch.Tensor:
+    """A one-output sequence classifier's score at each sequence's last token (a reward
+    model's reward), in sequence order. The model's own pooling (the last non-pad token of a
+    row) cannot read packed rows, so the score head's output is read at ``inputs.last``."""
+    head = getattr(getattr(model, "module", model), "score", None)
+    if head is None:
+        raise TypeError(f"{type(getattr(model, 'module', model)).__name__} has no 'score' head; "
+                        f"a reward model is an AutoModelForSequenceClassification")
+    seen = []
+    handle = head.register_forward_hook(lambda _module, _args, out: seen.append(out))
+    try:
+        model(**model_kwargs(model, inputs))
+    finally:
+        handle.remove()
+    scores = seen[0]
+    return scores.reshape(-1, scores.shape[-1])[inputs.last.to(scores.device), 0].float()
 
 
 def by_sequence(flat: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
@@ -141,8 +192,13 @@ def per_response_token(model, seqs: list[Sequence], micro_batch: int, pack: bool
     for start in range(0, len(seqs), micro_batch):
         chunk = seqs[start:start + micro_batch]
         flat = values(model, build_inputs(chunk, pack, pad_id))
-        out += [t.tolist() for t in flat.split([len(r) for _, r in chunk])]
+        out += [t.tolist() for t in flat.split([scored_tokens(s) for s in chunk])]
     return out
+
+
+def scored_tokens(seq: Sequence) -> int:
+    """How many of a sequence's tokens are scored (its response or reply tokens)."""
+    return sum(len(seg) for seg in seq[1::2])
 
 
 def response_logprobs(model, seqs: list[Sequence], micro_batch: int, pack: bool,
@@ -168,13 +224,42 @@ def pair_sequences(pairs) -> list[Sequence]:
             + [(p.prompt_ids, p.rejected_ids) for p in pairs])
 
 
+def pair_inputs(pairs, pack: bool | str, pad_id: int = 0) -> ModelInputs:
+    """The inputs of :func:`pair_sequences` (sequence i: pair i's chosen, n + i: its rejected).
+
+    In the ``one_row`` layout each pair's prompt is laid out once: prompt, chosen, rejected.
+    The rejected tokens' position ids continue from the prompt's, not from the chosen's, which
+    tells the varlen attention (actors/packed_attention.py) that they see the prompt and not
+    the chosen response; the first rejected token is predicted from the prompt's last token.
+    The prompt's tokens go through the model once instead of twice.
+    """
+    if pack != "one_row":
+        return build_inputs(pair_sequences(pairs), pack, pad_id)
+    n = len(pairs)
+    ids, pos, keep, targets, owner, last = [], [], [], [], [], [0] * (2 * n)
+    for i, ex in enumerate(pairs):
+        p, c, r = ex.prompt_ids, ex.chosen_ids, ex.rejected_ids
+        start, branch = len(ids), len(ids) + len(p) + len(c)
+        ids += p + c + r
+        pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
+        keep += range(start + len(p) - 1, branch - 1)                    # chosen
+        keep += [start + len(p) - 1, *range(branch, branch + len(r) - 1)]  # rejected
+        targets += c + r
+        owner += [i] * len(c) + [n + i] * len(r)
+        last[i], last[n + i] = branch - 1, branch + len(r) - 1
+    row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+    return ModelInputs(row(ids), row(pos), None, torch.tensor(keep), torch.tensor(targets),
+                       torch.tensor(owner), 2 * n, torch.tensor(last))
+
+
 @torch.no_grad()
-def pair_logprobs(model, pairs, micro_batch: int, pack: bool, pad_id: int = 0) -> list[tuple[float, float]]:
+def pair_logprobs(model, pairs, micro_batch: int, pack: bool | str,
+                  pad_id: int = 0) -> list[tuple[float, float]]:
     """(chosen, rejected) summed log-probs for each pair, without gradients."""
     out = []
     for start in range(0, len(pairs), micro_batch):
         chunk = pairs[start:start + micro_batch]
-        sums, _ = sequence_logprobs(model, build_inputs(pair_sequences(chunk), pack, pad_id))
+        sums, _ = sequence_logprobs(model, pair_inputs(chunk, pack, pad_id))
         n = len(chunk)
         out += list(zip(sums[:n].tolist(), sums[n:].tolist()))
     return out

@@ -1,7 +1,10 @@
-"""The policy-trainer role: a causal LM under DeepSpeed (ZeRO 0-3), one replica per rank.
+"""The trainer role: the model being trained under DeepSpeed (ZeRO 0-3), one replica per rank.
 
-The replicas form one torch.distributed world (gloo on CPU, NCCL on GPU) whose rendezvous
-the driver hands out; no DeepSpeed launcher is involved.
+One class serves every algorithm: the offline objectives (DPO, SFT, reward model; see
+actors/objectives.py) through one ``train_step``, and the online RL update through
+``rl_step``. The model is a causal LM, or for ``algorithm: rm`` a one-output sequence
+classifier. The replicas form one torch.distributed world (gloo on CPU, NCCL on GPU) whose
+rendezvous the driver hands out; no DeepSpeed launcher is involved.
 """
 from __future__ import annotations
 
@@ -12,13 +15,12 @@ from pathlib import Path
 import torch
 
 from actors.group import ALL, SCATTER, SHARDS, dispatch
-from actors.logprobs import (build_inputs, pair_logprobs, pair_sequences, response_logprobs,
-                             sequence_logprobs)
 from actors.deepspeed_actor import DeepSpeedActor
-from actors.runtime import load_causal_lm, load_tokenizer
+from actors.logprobs import (build_inputs, pair_inputs, pair_logprobs, response_logprobs,
+                             sequence_scores, token_logprobs_and_hits)
+from actors.objectives import OBJECTIVES
+from actors.runtime import load_causal_lm, load_reward_model, load_tokenizer
 from actors.weight_sync import WeightSender
-from orchestrator.batches import PreferenceBatch
-from orchestrator.dpo_losses import preference_loss
 
 log = logging.getLogger(__name__)
 
@@ -39,37 +41,31 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         cfg = self.cfg
         self.join_world(master_addr, master_port)
         torch.manual_seed(cfg.train.seed)
-        model = load_causal_lm(cfg.model, trainable=True)
-        if cfg.policy.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
         self.tokenizer = load_tokenizer(cfg.model.path)
         self.pad_id = self.tokenizer.pad_token_id or 0
+        model = (load_reward_model(cfg.model, self.pad_id) if cfg.algorithm == "rm"
+                 else load_causal_lm(cfg.model, trainable=True))
+        if cfg.policy.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
         self.build_engine(model, cfg.optim.lr)
         return sum(p.numel() for p in model.parameters())
 
     # ---- training -------------------------------------------------------------------------
     @dispatch(SHARDS)
-    def train_step(self, batch: PreferenceBatch) -> dict:
-        """One optimizer step over this replica's pairs; returns sums the driver adds up."""
+    def train_step(self, batch) -> dict:
+        """One optimizer step of the run's offline objective over this replica's rows (a
+        PreferenceBatch or an SFTBatch); returns sums the driver adds up."""
         cfg, engine = self.cfg, self.engine
+        objective = OBJECTIVES[cfg.algorithm]
         t0 = time.perf_counter()
         engine.train()
-        micro = min(cfg.train.micro_batch_size, len(batch))
-        sums = {"pairs": 0.0, "tokens": 0.0, "loss": 0.0}
-        for mb in batch.micro_batches(micro):
-            inputs = build_inputs(pair_sequences(mb.pairs), cfg.train.pack, self.pad_id)
-            logps, counts = sequence_logprobs(engine, inputs)
-            n = len(mb)
-            loss, stats = preference_loss(
-                cfg.dpo.loss, logps[:n], logps[n:], mb.ref_chosen, mb.ref_rejected, cfg.dpo.beta,
-                cfg.dpo.label_smoothing, cfg.dpo.nll_weight, counts[:n])
+        sums: dict[str, float] = {}
+        for mb in batch.micro_batches(min(cfg.train.micro_batch_size, len(batch))):
+            loss, stats = objective(self, mb, batch)
             engine.backward(loss)
             self.step()
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v
-            sums["loss"] += loss.item() * n
-            sums["pairs"] += n
-            sums["tokens"] += sum(len(p) + len(r) for p, r in pair_sequences(mb.pairs))
         sums["grad_norm"] = self.grad_norm()
         sums["lr"] = engine.get_lr()[0]
         sums["train_seconds"] = time.perf_counter() - t0
@@ -86,14 +82,44 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         """Per-token log-probs of each (prompt, response)'s response tokens."""
         self.engine.eval()
         return response_logprobs(self.engine, sequences, self.cfg.train.micro_batch_size,
-                                 self.cfg.train.pack, self.pad_id)
+                                 self.cfg.packing, self.pad_id)
 
     # ---- evaluation -----------------------------------------------------------------------
     @dispatch(SCATTER)
     def logprobs(self, pairs) -> list[tuple[float, float]]:
         self.engine.eval()
         return pair_logprobs(self.engine, pairs, self.cfg.train.micro_batch_size,
-                             self.cfg.train.pack, self.pad_id)
+                             self.cfg.packing, self.pad_id)
+
+    @dispatch(SCATTER)
+    @torch.no_grad()
+    def sft_scores(self, examples) -> list[tuple[float, int, int]]:
+        """(negative log-likelihood summed over the trained tokens, their number, how many
+        of them are the model's top choice) for each SFT example."""
+        self.engine.eval()
+        out, micro = [], self.cfg.train.micro_batch_size
+        for start in range(0, len(examples), micro):
+            chunk = examples[start:start + micro]
+            inputs = build_inputs([e.segments for e in chunk], self.cfg.packing, self.pad_id)
+            logp, hits = token_logprobs_and_hits(self.engine, inputs)
+            owner = inputs.owner.to(logp.device)
+            nll = torch.zeros(len(chunk), dtype=logp.dtype).index_add(0, owner, -logp)
+            right = torch.zeros(len(chunk), dtype=torch.long).index_add(0, owner, hits.long())
+            out += zip(nll.tolist(), [e.target_tokens for e in chunk], right.tolist())
+        return out
+
+    @dispatch(SCATTER)
+    @torch.no_grad()
+    def rewards(self, pairs) -> list[tuple[float, float]]:
+        """(chosen, rejected) scores of each pair under the reward model being trained."""
+        self.engine.eval()
+        out, micro = [], self.cfg.train.micro_batch_size
+        for start in range(0, len(pairs), micro):
+            chunk = pairs[start:start + micro]
+            scores = sequence_scores(self.engine,
+                                     pair_inputs(chunk, self.cfg.packing, self.pad_id))
+            out += zip(scores[:len(chunk)].tolist(), scores[len(chunk):].tolist())
+        return out
 
     @dispatch(SCATTER)
     def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
@@ -128,7 +154,8 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         self.publish(ckpt_dir, remote)
 
     def save_hf(self, out_dir: str) -> None:
-        """Hugging Face model dir (safetensors + tokenizer), gathered under ZeRO-3."""
+        """Hugging Face model dir (safetensors + tokenizer), gathered under ZeRO-3; for rm a
+        sequence classifier that ``reward.kind: model`` and ``critic.model_path`` load."""
         state = self.gathered_state_dict()
         if self.rank == 0:
             self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)

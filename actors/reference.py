@@ -23,10 +23,10 @@ class Reference:
     def logprobs(self, pairs) -> list[tuple[float, float]]:
         """(chosen, rejected) summed response log-probs for each pair."""
         return pair_logprobs(self.model, pairs, self.cfg.train.micro_batch_size,
-                             self.cfg.train.pack, self.pad_id)
+                             self.cfg.packing, self.pad_id)
 
     @dispatch(SCATTER)
     def token_logprobs(self, sequences) -> list[list[float]]:
         """Per-token log-probs of each (prompt, response)'s response tokens."""
         return response_logprobs(self.model, sequences, self.cfg.train.micro_batch_size,
-                                 self.cfg.train.pack, self.pad_id)
+                                 self.cfg.packing, self.pad_id)

@@ -23,7 +23,7 @@ def rl_update(trainer, batch: RolloutBatch, cfg, pad_id: int) -> dict:
     engine.train()
     for _ in range(rl.epochs):
         for mb in batch.micro_batches(micro):
-            inputs = build_inputs(mb.sequences, cfg.train.pack, pad_id)
+            inputs = build_inputs(mb.sequences, cfg.packing, pad_id)
             flat, ent_flat = token_logprobs(engine, inputs, entropy=True)
             mask = mb.mask.bool()
             logp = torch.zeros(mask.shape, dtype=flat.dtype)

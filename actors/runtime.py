@@ -17,7 +17,8 @@ def set_threads(cpus: float) -> None:
     os.environ["OMP_NUM_THREADS"] = str(n)
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*",
+                            category=FutureWarning)
 
 
 def skip_shm_comm_op() -> None:
@@ -47,12 +48,20 @@ def set_dist_env(master_addr: str, master_port: int, rank: int, world_size: int)
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
 
 
+def attention(name: str) -> str:
+    """``model.attn_implementation`` as transformers takes it; the first use of ``varlen``
+    registers it (actors/packed_attention.py) in this process."""
+    if name == "varlen":
+        import actors.packed_attention  # noqa: F401  (registers itself on import)
+    return name
+
+
 def load_causal_lm(model_cfg, trainable: bool):
     """A transformers causal LM from ``model.path`` in the configured dtype."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg.path, dtype=DTYPES[model_cfg.dtype],
-        attn_implementation=model_cfg.attn_implementation)
+        attn_implementation=attention(model_cfg.attn_implementation))
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
@@ -62,3 +71,37 @@ def load_causal_lm(model_cfg, trainable: bool):
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
+
+
+def load_reward_model(model_cfg, pad_id: int):
+    """A one-output sequence classifier from ``model.path`` to train as a reward model.
+
+    A causal LM dir (typically an SFT model) gives its transformer and a new score head (its
+    LM head is not used); a reward model dir keeps its own head. The pad id is set so that the
+    saved model's own pooling finds each sequence's last token when it scores padded batches.
+    """
+    import logging
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+    config = AutoConfig.from_pretrained(model_cfg.path)
+    config.num_labels = 1
+    text_cfg = config.get_text_config()
+    if text_cfg.pad_token_id is None:
+        text_cfg.pad_token_id = pad_id
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # an unused LM head and a new score head are expected
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_cfg.path, config=config, dtype=DTYPES[model_cfg.dtype],
+            attn_implementation=attention(model_cfg.attn_implementation), output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    new = [k for k in info["missing_keys"] if not k.startswith("score.")]
+    if new:
+        raise ValueError(f"model.path: {model_cfg.path} lacks weights of the transformer "
+                         f"({sorted(new)[:4]}); give a causal LM or reward model dir")
+    logging.getLogger(__name__).info(
+        "reward model from %s; new score head: %s", model_cfg.path,
+        "yes" if any(k.startswith("score.") for k in info["missing_keys"]) else "no")
+    return model.train(True)

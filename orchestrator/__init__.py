@@ -1,7 +1,7 @@
 """rayalign's driver side: config, data, loops, placement, checkpoints, metrics.
 
 Public API for driver scripts: :class:`RunConfig` (and its sections), :func:`train`,
-:class:`TrainResult`, :class:`ConfigError`.
+:class:`TrainResult`, :func:`pipeline`, :class:`ConfigError`.
 """
 from orchestrator.config import RunConfig
 from orchestrator.schema import ConfigError
@@ -13,4 +13,10 @@ def train(cfg):
     return _train(cfg)
 
 
-__all__ = ["RunConfig", "ConfigError", "train"]
+def pipeline(path, overrides=()):
+    """Run the pipeline file ``path``; see :func:`orchestrator.pipelines.pipeline`."""
+    from orchestrator.pipelines import pipeline as _pipeline
+    return _pipeline(path, overrides)
+
+
+__all__ = ["RunConfig", "ConfigError", "train", "pipeline"]

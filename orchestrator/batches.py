@@ -1,48 +1,64 @@
 """Named data that travels between the driver and the roles."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-from orchestrator.data import PreferenceExample
+from orchestrator.data import PreferenceExample, SFTExample
 
 
-@dataclass
-class PreferenceBatch:
-    """Preference pairs with their reference log-probs, for one replica and one step.
-
-    pairs: the tokenized pairs (prompt ids kept apart from chosen/rejected response ids).
-    ref_chosen, ref_rejected: float tensors [len(pairs)], the reference model's log-prob of
-    each response summed over its tokens.
-    """
-    pairs: list[PreferenceExample]
-    ref_chosen: torch.Tensor
-    ref_rejected: torch.Tensor
+class Rows:
+    """A batch whose fields all have one entry per row (lists, or tensors with rows first);
+    a field may be None. Cut into replica shares and micro-batches without copying rows."""
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(getattr(self, dataclasses.fields(self)[0].name))
 
-    @classmethod
-    def build(cls, pairs: list[PreferenceExample], ref: list[tuple[float, float]]) -> "PreferenceBatch":
-        ref_t = torch.tensor(ref, dtype=torch.float32).reshape(len(pairs), 2)
-        return cls(list(pairs), ref_t[:, 0].contiguous(), ref_t[:, 1].contiguous())
+    def slice(self, start: int, end: int):
+        return type(self)(*(None if v is None else v[start:end]
+                            for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
-    def slice(self, start: int, end: int) -> "PreferenceBatch":
-        return PreferenceBatch(self.pairs[start:end], self.ref_chosen[start:end],
-                               self.ref_rejected[start:end])
-
-    def split(self, n: int) -> list["PreferenceBatch"]:
+    def split(self, n: int) -> list:
         """n equal contiguous parts (len must divide evenly, as config checks)."""
         size = len(self) // n
         return [self.slice(i * size, (i + 1) * size) for i in range(n)]
 
-    def micro_batches(self, size: int) -> list["PreferenceBatch"]:
+    def micro_batches(self, size: int) -> list:
         return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
 
 @dataclass
-class RolloutBatch:
+class PreferenceBatch(Rows):
+    """Preference pairs for one replica and one step (DPO, reward-model training).
+
+    pairs: the tokenized pairs (prompt ids kept apart from chosen/rejected response ids, and
+    the pair's margin). ref_chosen, ref_rejected: float tensors [len(pairs)], the reference
+    model's log-prob of each response summed over its tokens (DPO; None for a reward model).
+    """
+    pairs: list[PreferenceExample]
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+
+    @classmethod
+    def build(cls, pairs: list[PreferenceExample],
+              ref: list[tuple[float, float]] | None = None) -> "PreferenceBatch":
+        if ref is None:
+            return cls(list(pairs))
+        ref_t = torch.tensor(ref, dtype=torch.float32).reshape(len(pairs), 2)
+        return cls(list(pairs), ref_t[:, 0].contiguous(), ref_t[:, 1].contiguous())
+
+
+@dataclass
+class SFTBatch(Rows):
+    """SFT rows for one replica and one step: each an SFTExample whose segments alternate
+    context and trained tokens."""
+    examples: list[SFTExample]
+
+
+@dataclass
+class RolloutBatch(Rows):
     """Sampled responses with what a policy update needs, one row per response.
 
     sequences: (prompt ids, response ids) per row. Per-token tensors are [B, T] over response
@@ -60,22 +76,6 @@ class RolloutBatch:
     rollout_logprobs: torch.Tensor
     values: torch.Tensor | None = None
     returns: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return len(self.sequences)
-
-    def slice(self, start: int, end: int) -> "RolloutBatch":
-        return RolloutBatch(self.sequences[start:end], *(
-            None if t is None else t[start:end]
-            for t in (self.mask, self.advantages, self.old_logprobs, self.ref_logprobs,
-                      self.rollout_logprobs, self.values, self.returns)))
-
-    def split(self, n: int) -> list["RolloutBatch"]:
-        size = len(self) // n
-        return [self.slice(i * size, (i + 1) * size) for i in range(n)]
-
-    def micro_batches(self, size: int) -> list["RolloutBatch"]:
-        return [self.slice(i, i + size) for i in range(0, len(self), size)]
 
 
 def pad_tokens(rows: list[list[float]], width: int | None = None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The ``rayalign`` command line: train, validate, generate, schema, tiny-model, synthetic-data."""
+"""The ``rayalign`` command line: train, pipeline, validate, generate, schema, tiny-model,
+synthetic-data."""
 from __future__ import annotations
 
 import argparse
@@ -14,19 +15,25 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rayalign", description="Align language models on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
     for name, text in (("train", "run training from a YAML config"),
-                       ("validate", "check a config and exit (0 when valid)")):
+                       ("pipeline", "run a pipeline's stages in order (SFT -> RM -> PPO, ...); "
+                                    "a re-run skips done stages and resumes an interrupted one"),
+                       ("validate", "check a run or pipeline config and exit (0 when valid)")):
         c = sub.add_parser(name, help=text)
-        c.add_argument("config", help="YAML config file, e.g. configs/dpo-tiny.yaml")
-        c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6")
+        c.add_argument("config", help="YAML config file, e.g. configs/dpo-tiny.yaml or "
+                                      "configs/rlhf-tiny.yaml (a pipeline)")
+        c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6; in a "
+                                                    "pipeline, stage.key=value for one stage")
     sub.add_parser("schema", help="list every config key with its default, range and meaning")
     t = sub.add_parser("tiny-model", help="write a small Llama and a BPE tokenizer, no hub needed")
     t.add_argument("dir")
     t.add_argument("--size", default="tiny", choices=("tiny", "small", "base"))
     t.add_argument("--seed", type=int, default=0)
-    d = sub.add_parser("synthetic-data", help="write the synthetic preference task (train/eval jsonl)")
+    d = sub.add_parser("synthetic-data", help="write the synthetic task: preference pairs "
+                       "(train/eval.jsonl) and SFT rows (sft/sft_eval.jsonl)")
     d.add_argument("dir")
     d.add_argument("--train", type=int, default=2000, help="training pairs")
-    d.add_argument("--eval", type=int, default=200, help="held-out pairs")
+    d.add_argument("--eval", type=int, default=200, help="held-out pairs (and held-out SFT rows)")
+    d.add_argument("--sft", type=int, default=None, help="SFT rows (default: as many as --train)")
     d.add_argument("--min-words", type=int, default=8)
     d.add_argument("--max-words", type=int, default=60)
     d.add_argument("--seed", type=int, default=0)
@@ -70,7 +77,28 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
+def _is_pipeline(path: str) -> bool:
+    from pathlib import Path
+
+    from orchestrator.config import parse_yaml
+    try:
+        spec = parse_yaml(Path(path).read_text())
+    except Exception:  # unreadable files get their error from the loader that follows
+        return False
+    return isinstance(spec, dict) and "stages" in spec
+
+
 def _run(args) -> int:
+    if args.command == "pipeline" or (args.command == "validate" and _is_pipeline(args.config)):
+        from orchestrator.pipelines import load_pipeline, run_pipeline
+        root, stages = load_pipeline(args.config, args.overrides)
+        if args.command == "validate":
+            log.info("%s: valid pipeline of %d stages (%s)", args.config, len(stages),
+                     " -> ".join(s.name for s in stages))
+            return 0
+        logging.getLogger().setLevel(stages[0].cfg.log.level)
+        run_pipeline(root, stages)
+        return 0
     if args.command in ("train", "validate"):
         from orchestrator.config import RunConfig
         cfg = RunConfig.from_yaml(args.config, args.overrides)
@@ -109,7 +137,8 @@ def _run(args) -> int:
         return 0
     if args.command == "synthetic-data":
         from orchestrator.synthetic import write_dataset
-        paths = write_dataset(args.dir, args.train, args.eval, args.seed, args.min_words, args.max_words)
+        paths = write_dataset(args.dir, args.train, args.eval, args.seed, args.min_words,
+                              args.max_words, args.sft)
         log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
         return 0
     return 1

@@ -19,6 +19,9 @@ import yaml
 from orchestrator.schema import ConfigError, build, describe, param, set_dotted
 
 
+OFFLINE = ("dpo", "sft", "rm")  # trained from a fixed dataset; the rest sample as they train
+
+
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 reads 1e-6 as a string; accept exponent floats without a dot too."""
 
@@ -33,25 +36,49 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
+def read_yaml(path: str | Path, what: str = "config"):
+    """A YAML file's content; a missing or unparsable file is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        return parse_yaml(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+
+
 @dataclass
 class ModelConfig:
     path: str = param(help="local Hugging Face model dir (or hub name where a hub is reachable)")
     dtype: str = param("float32", "parameter dtype for training and log-probs",
                        choices=("float32", "bfloat16", "float16"))
-    attn_implementation: str = param("sdpa", "attention kernel passed to transformers",
-                                     choices=("sdpa", "eager"))
+    attn_implementation: str = param("varlen", "attention kernel passed to transformers; varlen: "
+                                               "packed sequences in one row without padding, "
+                                               "attention within each (actors/packed_attention.py; "
+                                               "sdpa outside packed forwards)",
+                                     choices=("varlen", "sdpa", "eager"))
 
 
 @dataclass
 class DataConfig:
-    train: str = param(help="preference dataset file (.jsonl, .parquet or .arrow)")
-    eval: Optional[str] = param(None, "held-out preference file; none means no held-out metrics")
+    train: str = param(help="training file (.jsonl, .parquet or .arrow): preference pairs (dpo, "
+                            "rm), prompt and response or conversations (sft), prompts (online)")
+    eval: Optional[str] = param(None, "held-out file of the same kind; none means no held-out "
+                                      "metrics")
     max_length: int = param(512, "longest prompt+response in tokens", ge=8)
-    on_bad_row: str = param("error", "a malformed row stops the run, or is skipped and counted",
-                            choices=("error", "skip"))
+    on_bad_row: str = param("error", "a malformed row stops the run, or is skipped and counted; "
+                                     "truncate: a too-long row loses its response's end (both "
+                                     "responses of a pair; the prompt stays) and is counted, "
+                                     "other bad rows stop the run",
+                            choices=("error", "skip", "truncate"))
     prompt_key: str = param("prompt", "column holding the prompt (string or chat messages)")
     chosen_key: str = param("chosen", "column holding the preferred response")
     rejected_key: str = param("rejected", "column holding the dispreferred response")
+    response_key: str = param("response", "sft: column holding the response to the prompt")
+    messages_key: str = param("messages", "sft: column holding a whole conversation (chat "
+                                          "messages); every assistant turn is trained")
+    margin_key: Optional[str] = param(None, "rm: numeric column with how much more the chosen "
+                                            "is preferred (subtracted inside the loss); none: 0")
 
 
 def colocation(*hosts: str):
@@ -193,6 +220,14 @@ class DPOConfig:
     beta: float = param(0.1, "strength of the tie to the reference (IPO: tau)", gt=0)
     label_smoothing: float = param(0.0, "assumed label noise for cdpo", ge=0, lt=0.5)
     nll_weight: float = param(0.0, "weight of an NLL term on chosen responses (RPO); 0 is off", ge=0)
+    ipo_average: bool = param(True, "ipo: average each response's log-ratio over its tokens (the "
+                                    "IPO authors' form, as TRL); false sums them")
+
+
+@dataclass
+class RMLossConfig:
+    center_coef: float = param(0.0, "reward centering: weight of (r_chosen + r_rejected)^2 in the "
+                                    "loss; 0 is off", ge=0)
 
 
 @dataclass
@@ -209,8 +244,9 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    batch_size: int = param(8, "preference pairs per optimizer step, over all policy replicas", ge=1)
-    micro_batch_size: int = param(8, "pairs per forward pass on one replica", ge=1)
+    batch_size: int = param(8, "rows per optimizer step over all trainer replicas (pairs for dpo "
+                               "and rm, sequences for sft, samples for online RL)", ge=1)
+    micro_batch_size: int = param(8, "rows per forward pass on one replica", ge=1)
     max_steps: int = param(100, "optimizer steps in the run", ge=1)
     seed: int = param(0, "seed for the sampler, model init and dropout", ge=0)
     pack: bool = param(True, "pack sequences into one row instead of padding")
@@ -219,7 +255,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = param(0, "held-out evaluation every N steps; 0 means only before and after", ge=0)
-    max_pairs: int = param(256, "held-out pairs used for preference accuracy", ge=1)
+    max_pairs: int = param(256, "held-out rows used: pairs for preference accuracy (dpo, rm), "
+                                "sequences for held-out loss (sft)", ge=1)
     reward_fn: Optional[str] = param(None, "module:function scoring (prompt, response) strings; "
                                            "enables the sampled-reward metric")
     num_prompts: int = param(64, "held-out prompts sampled for the reward metric", ge=1)
@@ -259,13 +296,14 @@ class LogConfig:
 class RunConfig:
     model: ModelConfig = param(help="the policy to train")
     data: DataConfig = param(help="datasets")
-    algorithm: str = param("dpo", "training method: offline DPO, online PPO with a critic, or "
-                                  "online critic-free RL",
-                           choices=("dpo", "ppo", "grpo", "rloo", "reinforce_pp"))
+    algorithm: str = param("dpo", "training method: offline DPO, supervised fine-tuning, reward "
+                                  "model, online PPO with a critic, or online critic-free RL",
+                           choices=("dpo", "sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp"))
     run_dir: str = param("runs/default", "where checkpoints, metrics and logs go: a local path "
                                          "(shared by all nodes on a cluster) or a URI that pyarrow "
                                          "opens (s3://, gs://, hdfs://, abfs://), staged locally")
-    policy: PolicyConfig = param(help="policy-trainer role", factory=PolicyConfig)
+    policy: PolicyConfig = param(help="trainer role: the policy (for rm, the reward model being "
+                                      "trained)", factory=PolicyConfig)
     reference: ReferenceConfig = param(help="frozen reference role", factory=ReferenceConfig)
     rollout: RolloutConfig = param(help="vLLM rollout engines (online methods, generation)",
                                    factory=RolloutConfig)
@@ -274,6 +312,7 @@ class RunConfig:
     reward: RewardConfig = param(help="reward role (online RL)", factory=RewardConfig)
     critic: CriticConfig = param(help="value model (PPO)", factory=CriticConfig)
     dpo: DPOConfig = param(help="DPO loss", factory=DPOConfig)
+    rm_loss: RMLossConfig = param(help="reward-model loss (algorithm rm)", factory=RMLossConfig)
     rl: RLConfig = param(help="online RL: sampling, estimator, losses", factory=RLConfig)
     optim: OptimConfig = param(help="optimizer", factory=OptimConfig)
     train: TrainConfig = param(help="steps and batches", factory=TrainConfig)
@@ -286,7 +325,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict, overrides: list[str] | tuple = ()) -> "RunConfig":
         """Build and validate from a nested dict plus ``key.sub=value`` overrides."""
-        data = _deep_copy(data or {})
+        data = deep_copy(data or {})
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"{item}: an override must look like key.sub=value")
@@ -298,14 +337,7 @@ class RunConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | tuple = ()) -> "RunConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = parse_yaml(path.read_text())
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-        return cls.from_dict(data, overrides)
+        return cls.from_dict(read_yaml(path), overrides)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -325,18 +357,18 @@ class RunConfig:
             if per_actor % min(self.train.micro_batch_size, per_actor):
                 raise ConfigError(f"train.micro_batch_size: {self.train.micro_batch_size} does not "
                                   f"divide the {per_actor} samples each {role} replica gets per step")
-        if self.online:
+        if self.eval.reward_fn is not None and ":" not in self.eval.reward_fn:
+            raise ConfigError(f"eval.reward_fn: {self.eval.reward_fn!r} must look like module:function")
+        if self.algorithm != "dpo":
             return
         if self.dpo.loss == "cdpo" and self.dpo.label_smoothing == 0:
             raise ConfigError("dpo.label_smoothing: loss 'cdpo' needs a value in (0, 0.5)")
         if self.dpo.loss != "cdpo" and self.dpo.label_smoothing != 0:
             raise ConfigError(f"dpo.label_smoothing: only used by loss 'cdpo', not '{self.dpo.loss}'")
-        if self.eval.reward_fn is not None and ":" not in self.eval.reward_fn:
-            raise ConfigError(f"eval.reward_fn: {self.eval.reward_fn!r} must look like module:function")
 
     @property
     def online(self) -> bool:
-        return self.algorithm != "dpo"
+        return self.algorithm not in OFFLINE
 
     @property
     def uses_critic(self) -> bool:
@@ -344,7 +376,9 @@ class RunConfig:
 
     def roles(self) -> list[str]:
         """The config sections of the roles this run starts, in start order."""
-        if not self.online:
+        if self.algorithm in ("sft", "rm"):
+            return ["policy"]
+        if self.algorithm == "dpo":
             return ["policy", "reference"]
         return ["rollout", "policy", *(["critic"] if self.uses_critic else []), "reference",
                 "reward"]
@@ -386,23 +420,36 @@ class RunConfig:
         if not getattr(self.reward, need):
             raise ConfigError(f"reward.{need}: required when reward.kind is {self.reward.kind!r}")
 
-    def check_paths(self) -> None:
-        """Check that the files the run reads exist (done before any actor starts)."""
+    def check_paths(self, pending: tuple[str, ...] = ()) -> None:
+        """Check that the files the run reads exist (done before any actor starts); keys in
+        ``pending`` (model.path, critic.model_path) name dirs an earlier pipeline stage makes."""
         model = Path(self.model.path)
-        if model.exists() and not (model / "config.json").is_file():
-            raise ConfigError(f"model.path: {model} has no config.json; give a Hugging Face model dir")
-        if not model.exists() and (self.model.path.startswith((".", "/")) or model.suffix
-                                   or self.model.path.count("/") > 1):
-            raise ConfigError(f"model.path: {model} not found; create one with "
-                              f"`rayalign tiny-model {model}`")
+        if "model.path" not in pending:
+            if model.exists() and not (model / "config.json").is_file():
+                raise ConfigError(f"model.path: {model} has no config.json; give a Hugging Face "
+                                  f"model dir")
+            if not model.exists() and (self.model.path.startswith((".", "/")) or model.suffix
+                                       or self.model.path.count("/") > 1):
+                raise ConfigError(f"model.path: {model} not found; create one with "
+                                  f"`rayalign tiny-model {model}`")
         critic = self.critic.model_path
-        if self.uses_critic and critic and not (Path(critic) / "config.json").is_file():
+        if (self.uses_critic and critic and "critic.model_path" not in pending
+                and not (Path(critic) / "config.json").is_file()):
             raise ConfigError(f"critic.model_path: {critic} is not a Hugging Face model dir "
                               f"(no config.json)")
         for key in ("train", "eval"):
             value = getattr(self.data, key)
             if value is not None and not Path(value).is_file():
                 raise ConfigError(f"data.{key}: file {value} not found")
+
+    @property
+    def packing(self) -> bool | str:
+        """How sequences are laid out for a forward (actors/logprobs.py ``build_inputs``):
+        False pads each, True packs rows as wide as the longest, ``one_row`` packs all into one
+        row (needs the varlen attention, which keeps sequences apart without a mask)."""
+        if self.train.pack and self.model.attn_implementation == "varlen":
+            return "one_row"
+        return self.train.pack
 
     @property
     def per_actor_batch(self) -> int:
@@ -414,9 +461,9 @@ def schema_lines() -> list[str]:
     return describe(RunConfig)
 
 
-def _deep_copy(data: Any) -> Any:
+def deep_copy(data: Any) -> Any:
     if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
+        return {k: deep_copy(v) for k, v in data.items()}
     if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
+        return [deep_copy(v) for v in data]
     return data

@@ -12,6 +12,13 @@ each loss is a function of h (per pair, averaged over the batch by the caller):
     ipo      (IPO, Azar et al. 2023, tau=beta): (h - 1 / (2 tau))^2
     hinge    (SLiC-style):                      max(0, 1 - beta * h)
 
+With ``average_logratios`` each response's log-ratio is averaged over its tokens instead:
+
+    h = (log pi(y_w|x) - log ref(y_w|x)) / |y_w| - (log pi(y_l|x) - log ref(y_l|x)) / |y_l|
+
+which is how IPO's authors computed the results of their paper (TRL's IPO does the same); the
+summed form makes IPO's squared loss grow with response length.
+
 An optional NLL term on chosen responses (RPO) adds nll_weight * (-log pi(y_w|x) / |y_w|).
 """
 from __future__ import annotations
@@ -59,13 +66,22 @@ def hinge_loss(h: torch.Tensor, beta: float, label_smoothing: float = 0.0) -> to
 def preference_loss(name: str, pi_chosen: torch.Tensor, pi_rejected: torch.Tensor,
                     ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
                     label_smoothing: float = 0.0, nll_weight: float = 0.0,
-                    chosen_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                    chosen_tokens: torch.Tensor | None = None,
+                    rejected_tokens: torch.Tensor | None = None,
+                    average_logratios: bool = False) -> tuple[torch.Tensor, dict]:
     """Mean loss over the pairs and the per-batch statistics that go into the metrics.
 
     Implicit rewards are beta * (log pi - log ref) for each response; accuracy counts a pair
-    as right when the chosen reward is higher, and a tie as half right.
+    as right when the chosen reward is higher, and a tie as half right. ``chosen_tokens`` /
+    ``rejected_tokens``: response lengths, needed by the NLL term and ``average_logratios``.
     """
-    h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
+    if average_logratios:
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("average_logratios needs chosen_tokens and rejected_tokens")
+        h = ((pi_chosen - ref_chosen) / chosen_tokens.clamp(min=1)
+             - (pi_rejected - ref_rejected) / rejected_tokens.clamp(min=1))
+    else:
+        h = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
     per_pair = DPO_LOSSES[name](h, beta, label_smoothing)
     if nll_weight:
         if chosen_tokens is None:

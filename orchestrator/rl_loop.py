@@ -20,21 +20,19 @@ from statistics import mean
 
 import ray
 import torch
-from tqdm import tqdm
 
 from actors.reward import RewardSample
 from actors.runtime import load_tokenizer
 from orchestrator.advantages import compute_advantages, token_rewards
 from orchestrator.batches import RolloutBatch, pad_tokens
-from orchestrator.checkpoint import CheckpointManager, restore_run, resume_dir, save_run
 from orchestrator.data import load_prompts
-from orchestrator.dpo_loop import TrainResult
-from orchestrator.evaluate import pad_to_multiple
+from orchestrator.evaluate import load_reward_fn, pad_to_multiple
 from orchestrator.kl import kl_per_token
-from orchestrator.metrics import MetricsLog, PhaseTimer, combine_replicas
+from orchestrator.metrics import PhaseTimer, combine_replicas
 from orchestrator.rl_losses import explained_variance
 from orchestrator.roles import RLRoles
 from orchestrator.sampler import ResumableSampler
+from orchestrator.session import RunSession, TrainResult
 from orchestrator.storage import RunStorage
 from orchestrator.weight_sync import sync_weights
 
@@ -94,34 +92,27 @@ def needs_old_logprobs(cfg) -> bool:
 
 
 def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
-    storage = storage or RunStorage(cfg.run_dir)
-    run_dir = storage.local_dir
+    session = RunSession(cfg, storage)
     tokenizer = load_tokenizer(cfg.model.path)
     limit = cfg.rollout.max_model_len - cfg.rl.max_new_tokens
     prompts, report = load_prompts(cfg.data.train, tokenizer, limit, cfg.data.on_bad_row,
                                    cfg.data.prompt_key)
     held_out = (load_prompts(cfg.data.eval, tokenizer, limit, cfg.data.on_bad_row,
                              cfg.data.prompt_key)[0][:cfg.eval.num_prompts] if cfg.data.eval else [])
-    ckpts = CheckpointManager(run_dir, cfg.checkpoint.keep, storage)
-    ckpts.clear_partial()
-    resume = resume_dir(cfg.checkpoint.resume, ckpts)
+    gold = load_reward_fn(cfg.eval.reward_fn)
     roles = RLRoles(cfg)
     try:
-        return _train(cfg, roles, tokenizer, prompts, held_out, [report.summary()], ckpts, resume)
+        return _train(cfg, session, roles, tokenizer, prompts, held_out, gold, [report.summary()])
     finally:
         roles.shutdown()
 
 
-def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) -> TrainResult:
-    rl, run_dir = cfg.rl, ckpts.storage.local_dir
-    bucket_bytes = cfg.weight_sync.bucket_bytes
+def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) -> TrainResult:
+    rl, bucket_bytes = cfg.rl, cfg.weight_sync.bucket_bytes
     sampler = ResumableSampler(len(prompts), cfg.train.seed)
-    start, before = 0, None
-    if resume is not None:
-        start, before = restore_run(resume, roles.trainables, sampler, ckpts)
+    start = session.restore(roles.trainables, sampler)
+    if session.resume is not None:
         sync_weights(roles.policy, roles.rollout, bucket_bytes)  # engines start from the model dir
-    metrics = MetricsLog(run_dir, cfg.log.tensorboard, resume_step=start,
-                         storage=ckpts.storage)
     timer = PhaseTimer()
     sampling = dict(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
                     max_new_tokens=rl.max_new_tokens)
@@ -133,12 +124,19 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
                              index=i) for i, t in enumerate(texts)]
 
     def evaluate(step: int) -> dict:
+        """The reward role's mean reward of one sample per held-out prompt; with a gold reward
+        (eval.reward_fn) beside a trained reward model, the gold reward of the same samples,
+        so that over-optimisation of the proxy shows (proxy up, gold down)."""
         if not held_out:
             return {}
         samples = roles.rollout.run("generate", [p.prompt_ids for p in held_out],
                                     dict(sampling, n=1, seed=cfg.train.seed))
-        return {"eval/reward": mean(roles.reward.run("score", reward_records(held_out, samples))),
-                "eval/response_tokens": mean(len(s.response_ids) for s in samples)}
+        records = reward_records(held_out, samples)
+        out = {"eval/reward": mean(roles.reward.run("score", records)),
+               "eval/response_tokens": mean(len(s.response_ids) for s in samples)}
+        if gold is not None:
+            out["eval/gold_reward"] = mean(float(gold(r.prompt, r.response)) for r in records)
+        return out
 
     needs_old = needs_old_logprobs(cfg)
 
@@ -178,12 +176,7 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
     # in the order they were made, so its pre-update log-probs and values come from the policy
     # and critic after this step's update. `ahead` holds the launched rollouts, oldest first.
     ahead: deque[Rollout] = deque()
-    if before is None:
-        before = evaluate(0)
-        metrics.log(0, before)
-    last_ckpt = None
-    bar = tqdm(total=cfg.train.max_steps, initial=start, desc=cfg.algorithm, unit="step",
-               disable=not cfg.log.progress_bar, dynamic_ncols=True)
+    session.begin(evaluate)
     for step in range(start + 1, cfg.train.max_steps + 1):
         t_step = time.perf_counter()
         with timer.phase("generate"):
@@ -231,27 +224,10 @@ def _train(cfg, roles, tokenizer, prompts, held_out, data_notes, ckpts, resume) 
         row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
                     "response/length": mask.sum(1).mean().item()})
         row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
-            row.update(evaluate(step))
-        metrics.log(step, row)
-        bar.update(1)
-        bar.set_postfix(reward=f"{row['reward/mean']:.3f}", kl=f"{row['kl']:.4f}")
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-            # async: later steps' prompts are drawn already; the checkpoint keeps the sampler as
-            # it was before the oldest of those draws, so a resume draws them again
-            last_ckpt = save_run(ckpts, roles.trainables, step,
-                                 ahead[0].sampler_state if ahead else sampler.state_dict(), before)
-            metrics.sync()
-    bar.close()
-    steps = cfg.train.max_steps
-    if steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
+        # async: later steps' prompts are drawn already; a checkpoint keeps the sampler as it
+        # was before the oldest of those draws, so a resume draws them again
+        session.end_step(step, row, ahead[0].sampler_state if ahead else sampler.state_dict(),
+                         {"reward": f"{row['reward/mean']:.3f}", "kl": f"{row['kl']:.4f}"})
+    if cfg.train.max_steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
         sync_weights(roles.policy, roles.rollout, bucket_bytes)
-    after = evaluate(steps)
-    metrics.log(steps, {f"final/{k}": v for k, v in after.items()})
-    metrics.close()
-    if last_ckpt is None or not last_ckpt.name.endswith(f"{steps:07d}"):
-        last_ckpt = save_run(ckpts, roles.trainables, steps, sampler.state_dict(), before)
-    result = TrainResult(run_dir, steps, last_ckpt, last_ckpt / "model", before, after, data_notes,
-                         resume)
-    log.info("%s", result.summary())
-    return result
+    return session.finish(sampler.state_dict(), data_notes)

@@ -114,7 +114,8 @@ class Placement:
 
 
 @dataclass
-class DPORoles:
+class OfflineRoles:
+    """The trainer group, and for DPO the reference group."""
     policy: ActorGroup
     reference: ActorGroup | None
 
@@ -139,16 +140,19 @@ def setup_trainers(*groups: ActorGroup) -> list[int]:
     return [group.gather("setup", r)[0] for group, r in zip(groups, refs)]
 
 
-def start_dpo_roles(cfg) -> DPORoles:
+def start_offline_roles(cfg) -> OfflineRoles:
     placement = Placement(cfg, cfg.roles())
-    reference = placement.start("reference", Reference, (cfg,))
+    reference = (placement.start("reference", Reference, (cfg,))
+                 if "reference" in cfg.roles() else None)
     policy = placement.start("policy", PolicyTrainer, (cfg,))
     setup = [policy.submit("setup", *ray.get(policy.actors[0].address.remote()))]
-    ray.get([a.ready.remote() for a in reference.actors])
+    if reference is not None:
+        ray.get([a.ready.remote() for a in reference.actors])
     n_params = policy.gather("setup", setup[0])[0]
-    log.info("roles up: policy %d x ZeRO-%d (%.2fM parameters), reference %d",
-             len(policy), cfg.policy.zero_stage, n_params / 1e6, len(reference))
-    return DPORoles(policy, reference)
+    log.info("roles up: %s trainer %d x ZeRO-%d (%.2fM parameters)%s", cfg.algorithm,
+             len(policy), cfg.policy.zero_stage, n_params / 1e6,
+             f", reference {len(reference)}" if reference is not None else "")
+    return OfflineRoles(policy, reference)
 
 
 def _engines_started(group: ActorGroup) -> ActorGroup:

@@ -7,14 +7,16 @@ import ray
 import yaml
 
 from orchestrator.config import RunConfig
-from orchestrator.dpo_loop import TrainResult, run_dpo
 from orchestrator.evaluate import load_reward_fn
+from orchestrator.offline_loop import run_offline
 from orchestrator.rl_loop import run_rl
 from orchestrator.roles import connect
+from orchestrator.session import TrainResult
 from orchestrator.storage import RunStorage
 
 log = logging.getLogger(__name__)
-LOOPS = {"dpo": run_dpo, "ppo": run_rl, "grpo": run_rl, "rloo": run_rl, "reinforce_pp": run_rl}
+LOOPS = {"dpo": run_offline, "sft": run_offline, "rm": run_offline,
+         "ppo": run_rl, "grpo": run_rl, "rloo": run_rl, "reinforce_pp": run_rl}
 
 
 def train(cfg: RunConfig) -> TrainResult:

@@ -15,7 +15,7 @@ def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("assets")
     model = build_model(root / "model", "tiny", seed=0)
     data = write_dataset(root / "data", n_train=1000, n_eval=128, seed=0, min_words=4, max_words=16)
-    return {"model": str(model), "train": str(data["train"]), "eval": str(data["eval"])}
+    return {"model": str(model), **{name: str(path) for name, path in data.items()}}
 
 
 BASE = {

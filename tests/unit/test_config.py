@@ -307,3 +307,22 @@ def test_public_train_stays_a_function_after_a_run_imports_the_loops():
     importlib.import_module("orchestrator.run")
     from orchestrator import train
     assert callable(train) and train is orchestrator.train and not isinstance(train, type(orchestrator))
+
+
+# ---- sft and reward-model runs ----------------------------------------------------------------
+def test_offline_algorithms_and_their_roles():
+    assert load("algorithm=sft").roles() == ["policy"]
+    assert load("algorithm=rm").roles() == ["policy"]
+    assert load().roles() == ["policy", "reference"]
+    assert not load("algorithm=sft").online and not load("algorithm=rm").online
+
+
+def test_new_keys_and_their_ranges():
+    cfg = load("algorithm=rm", "data.on_bad_row=truncate", "rm_loss.center_coef=0.01",
+               "data.margin_key=margin", "dpo.ipo_average=false")
+    assert cfg.data.on_bad_row == "truncate" and cfg.rm_loss.center_coef == 0.01
+    assert cfg.data.margin_key == "margin" and cfg.dpo.ipo_average is False
+    assert "allowed: >= 0" in error_for("rm_loss.center_coef=-1")
+    assert "'error', 'skip', 'truncate'" in error_for("data.on_bad_row=drop")
+    # the cdpo rules belong to dpo runs only
+    load("algorithm=sft", "dpo.loss=cdpo")

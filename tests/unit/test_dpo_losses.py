@@ -172,3 +172,24 @@ def test_hinge_gradient_zero_past_margin():
     assert gc[0] == 0 and gr[0] == 0          # beta*h = 1.5 >= 1
     assert gc[1] == pytest.approx(-BETA / 3)  # active
     assert gr[1] == pytest.approx(BETA / 3)
+
+
+def test_ipo_averaged_log_ratios_by_hand():
+    # per-token log-ratios: chosen (pi_c - ref_c) / n_c, rejected (pi_r - ref_r) / n_r
+    # pair 1: (1 / 2) - (-2 / 4) = 1.0; pair 2: (-1 / 1) - (1.5 / 3) = -1.5; pair 3: 0 - 0 = 0
+    pc, pr, rc, rr = tensors()
+    n_c, n_r = torch.tensor([2, 1, 5]), torch.tensor([4, 3, 5])
+    h = [1.0, -1.5, 0.0]
+    loss, _ = preference_loss("ipo", pc, pr, rc, rr, beta=BETA, chosen_tokens=n_c,
+                              rejected_tokens=n_r, average_logratios=True)
+    assert loss.item() == pytest.approx(mean([(x - 1.0) ** 2 for x in h]), abs=1e-12)
+    # the summed form (IPO's formula taken literally) gives the fixture's h instead
+    summed, _ = preference_loss("ipo", pc, pr, rc, rr, beta=BETA, chosen_tokens=n_c,
+                                rejected_tokens=n_r)
+    assert summed.item() == pytest.approx(mean([(x - 1.0) ** 2 for x in H]), abs=1e-12)
+
+
+def test_averaged_log_ratios_need_both_lengths():
+    with pytest.raises(ValueError, match="rejected_tokens"):
+        preference_loss("ipo", *tensors(), beta=BETA, chosen_tokens=torch.tensor([1, 1, 1]),
+                        average_logratios=True)

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from orchestrator import synthetic
-from orchestrator.synthetic import BRIGHT, DULL, NEUTRAL, make_pairs, reward, write_dataset
+from orchestrator.synthetic import (BRIGHT, DULL, NEUTRAL, make_pairs, make_sft, reward,
+                                   write_dataset)
 
 pytestmark = pytest.mark.unit
 
@@ -57,6 +58,27 @@ def test_write_dataset(tmp_path):
     assert len(train) == 12 and len(ev) == 5
     assert train == make_pairs(12, 0, 2, 5)
     assert ev != train[:5]
+    sft = [json.loads(x) for x in paths["sft"].read_text().splitlines()]
+    sft_eval = [json.loads(x) for x in paths["sft_eval"].read_text().splitlines()]
+    assert len(sft) == 12 and len(sft_eval) == 5 and sft != sft_eval[:5]
+    assert len(write_dataset(tmp_path / "e", 4, 2, n_sft=9)["sft"].read_text().splitlines()) == 9
+
+
+def test_sft_rows_lean_towards_the_preferred_style_with_noise():
+    rows = make_sft(2000, seed=0, min_words=4, max_words=16)
+    turns = [r for r in rows if "messages" in r]
+    assert 0.05 < len(turns) / len(rows) < 0.15            # some two-turn conversations
+    for r in turns:
+        assert [m["role"] for m in r["messages"]] == ["user", "assistant"] * 2
+    replies = [r["response"] for r in rows if "response" in r]
+    replies += [m["content"] for r in turns for m in r["messages"] if m["role"] == "assistant"]
+    scores = [reward("", t) for t in replies]
+    mean = sum(scores) / len(scores)
+    assert 0.2 < mean < 0.45                                 # leaning bright on average
+    assert min(scores) < 0 and sum(s <= 0 for s in scores) > len(scores) * 0.05  # with noise
+    for r in rows:
+        assert not {"reward", "chosen_reward"} & set(r)      # no ground truth to train on
+    assert make_sft(50, seed=1) == make_sft(50, seed=1) != make_sft(50, seed=2)
 
 
 def test_corpus_covers_words():

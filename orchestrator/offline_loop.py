@@ -1,0 +1,77 @@
+"""The offline loop (DPO, SFT, reward model), one step:
+
+    draw rows -> the task's batch (DPO: with reference log-probs) -> trainer group step
+              -> metrics -> (eval, checkpoint on schedule)
+
+The algorithm is a small pluggable part on each side: its data, batch and evaluation on the
+driver (orchestrator/offline_tasks.py), its loss in the trainer (actors/objectives.py).
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from actors.runtime import load_tokenizer
+from orchestrator.evaluate import load_reward_fn
+from orchestrator.metrics import PhaseTimer, combine_replicas
+from orchestrator.offline_tasks import TASKS
+from orchestrator.roles import start_offline_roles
+from orchestrator.sampler import ResumableSampler
+from orchestrator.schema import ConfigError
+from orchestrator.session import RunSession, TrainResult
+from orchestrator.storage import RunStorage
+
+log = logging.getLogger(__name__)
+
+
+def check_model_fits(cfg, token_lists) -> None:
+    """Refuse lengths and token ids the model cannot take, before any actor starts."""
+    from transformers import AutoConfig
+    model_cfg = AutoConfig.from_pretrained(cfg.model.path)
+    limit = getattr(model_cfg, "max_position_embeddings", None)
+    if limit and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length: {cfg.data.max_length} exceeds the model's "
+                          f"max_position_embeddings ({limit}); lower it to at most {limit}")
+    top = max(max(ids) for ids in token_lists)
+    if top >= model_cfg.vocab_size:
+        raise ConfigError(f"model.path: the tokenizer makes token id {top} but the model's vocab "
+                          f"has {model_cfg.vocab_size} entries; use the tokenizer saved with the model")
+
+
+def run_offline(cfg, storage: RunStorage | None = None) -> TrainResult:
+    session = RunSession(cfg, storage)
+    tokenizer = load_tokenizer(cfg.model.path)
+    task = TASKS[cfg.algorithm](cfg, tokenizer, load_reward_fn(cfg.eval.reward_fn))
+    check_model_fits(cfg, task.token_lists())
+    roles = start_offline_roles(cfg)
+    try:
+        return _train(cfg, session, task, roles)
+    finally:
+        roles.shutdown()
+
+
+def _train(cfg, session: RunSession, task, roles) -> TrainResult:
+    policy, timer = roles.policy, PhaseTimer()
+    task.prepare(roles, timer)
+    sampler = ResumableSampler(len(task.train), cfg.train.seed)
+    step = session.restore([policy], sampler)
+    session.begin(lambda s: task.evaluate(policy, s))
+    while step < cfg.train.max_steps:
+        t_step = time.perf_counter()
+        with timer.phase("data"):
+            idx = sampler.next_batch(cfg.train.batch_size)
+            batch = task.batch(idx, roles, timer)
+        with timer.phase("train"):
+            row = combine_replicas(policy.run("train_step", batch.split(len(policy))), task.count,
+                                   same=("grad_norm", "lr"),
+                                   totals=("tokens", task.rate, "train_seconds"))
+            del row["train_seconds"]
+        step += 1
+        elapsed = time.perf_counter() - t_step
+        task.finish_row(row)
+        row["batch/rows"] = [task.train[i].row for i in idx]  # which file rows this step used
+        row.update(timer.pop(), **{"timing/step": elapsed,
+                                   f"{task.rate}_per_s": row[task.rate] / elapsed,
+                                   "tokens_per_s": row["tokens"] / elapsed})
+        session.end_step(step, row, sampler.state_dict(), task.postfix(row))
+    return session.finish(sampler.state_dict(), [r.summary() for r in task.reports])
