@@ -33,6 +33,7 @@ a stage name, every stage (``cluster.num_cpus=4``); ``run_dir=...`` moves the wh
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -133,13 +134,6 @@ def _get(tree: dict, dotted: str):
     return node
 
 
-def _set(tree: dict, dotted: str, value) -> None:
-    *parents, last = dotted.split(".")
-    for part in parents:
-        tree = tree.setdefault(part, {})
-    tree[last] = value
-
-
 def _link(where: str, own: dict, merged: dict, producer: Stage, consumer_algo: str) -> list[str]:
     """Point ``merged`` (a stage's config dict) at ``producer``'s output; the keys it set.
     ``own``: the stage's keys as written (a link may replace defaults, never those)."""
@@ -157,13 +151,13 @@ def _link(where: str, own: dict, merged: dict, producer: Stage, consumer_algo: s
                                                url=None)
         keys = ["reward.model_path"]
         if consumer_algo == "ppo" and _get(own, "critic.model_path") is None:
-            _set(merged, "critic.model_path", out)
+            set_dotted(merged, "critic.model_path", out)
             keys.append("critic.model_path")
         return keys
     if _get(own, "model.path") is not None:
         raise ConfigError(f"{where}: from {producer.name!r} sets model.path; remove the "
                           f"stage's own model.path")
-    _set(merged, "model.path", out)
+    set_dotted(merged, "model.path", out)
     return ["model.path"]
 
 
@@ -195,17 +189,42 @@ def load_pipeline(path: str | Path, overrides=()) -> tuple[Path, list[Stage]]:
 
 
 def build_pipeline(spec: dict, overrides=(), source: str = "pipeline") -> tuple[Path, list[Stage]]:
+    """The pipeline's run dir and its stages, each a validated RunConfig linked to the stages
+    it reads from (see the module docstring)."""
+    names = _stage_names(spec, source)
+    sections = {f.name for f in dataclasses.fields(RunConfig)}
+    run_dir, per_stage, common = _split_overrides(overrides, set(names), sections)
+    defaults = deep_copy(spec.get("defaults") or {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{source}: defaults: expected a mapping of config keys")
+    for key, value in common:  # as if written under defaults
+        set_dotted(defaults, key, value)
+    root = str(run_dir or spec.get("run_dir") or "runs/pipeline")
+    if "://" in root:
+        raise ConfigError(f"run_dir: {root}: a pipeline's stages read each other's model dirs, "
+                          f"so its run_dir is a local path (shared storage on a cluster)")
+    stages: dict[str, Stage] = {}
+    for i, raw in enumerate(spec["stages"]):
+        where = f"{source}: stages[{i}] ({raw['name']})"
+        stages[raw["name"]] = _stage(where, raw, per_stage[raw["name"]], defaults,
+                                     Path(root), stages)
+    for stage in stages.values():
+        try:
+            stage.cfg.check_paths(stage.pending)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: stage {stage.name}: {exc}") from None
+    return Path(root), list(stages.values())
+
+
+def _stage_names(spec, source: str) -> list[str]:
+    """The stages' names, checked: present, identifiers, unique."""
     if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise ConfigError(f"{source}: a pipeline needs a non-empty 'stages' list")
     unknown = set(spec) - {"run_dir", "defaults", "stages"}
     if unknown:
         raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; a pipeline has "
                           f"run_dir, defaults and stages")
-    defaults = deep_copy(spec.get("defaults") or {})
-    if not isinstance(defaults, dict):
-        raise ConfigError(f"{source}: defaults: expected a mapping of config keys")
-    sections = {f.name for f in RunConfig.__dataclass_fields__.values()}
-    names = []
+    names: list[str] = []
     for i, raw in enumerate(spec["stages"]):
         name = raw.get("name") if isinstance(raw, dict) else None
         if not isinstance(name, str) or not name.isidentifier():
@@ -213,46 +232,37 @@ def build_pipeline(spec: dict, overrides=(), source: str = "pipeline") -> tuple[
         if name in names:
             raise ConfigError(f"{source}: stages[{i}]: name {name!r} is taken by another stage")
         names.append(name)
-    run_dir, per_stage, common = _split_overrides(overrides, set(names), sections)
-    for key, value in common:  # as if written under defaults
-        set_dotted(defaults, key, value)
-    root = str(run_dir or spec.get("run_dir") or "runs/pipeline")
-    if "://" in root:
-        raise ConfigError(f"run_dir: {root}: a pipeline's stages read each other's model dirs, "
-                          f"so its run_dir is a local path (shared storage on a cluster)")
-    root = Path(root)
-    stages: dict[str, Stage] = {}
-    for i, raw in enumerate(spec["stages"]):
-        own = deep_copy({k: v for k, v in raw.items() if k not in ("name", "from")})
-        name, where = raw["name"], f"{source}: stages[{i}] ({raw['name']})"
-        for key, value in per_stage[name]:  # as if written in the stage
-            set_dotted(own, key, value)
-        links = raw.get("from") or []
-        links = [links] if isinstance(links, str) else links
-        if "run_dir" in own:
-            raise ConfigError(f"{where}: run_dir is set by the pipeline ({root}/{name}); remove it")
-        merged = _merge(defaults, own)
-        merged["run_dir"] = str(root / name)
-        algo = merged.get("algorithm", "dpo")
-        pending: list[str] = []
-        for link in links:
-            if link not in stages:
-                raise ConfigError(f"{where}: from {link!r}: no earlier stage has that name "
-                                  f"(earlier: {', '.join(stages) or 'none'})")
-            pending += _link(where, own, merged, stages[link], algo)
-        if [stages[n].cfg.algorithm != "rm" for n in links].count(True) > 1:
-            raise ConfigError(f"{where}: from {links}: more than one stage gives the policy")
-        try:
-            cfg = RunConfig.from_dict(merged)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        stages[name] = Stage(name, links, cfg, tuple(pending))
-    for stage in stages.values():
-        try:
-            stage.cfg.check_paths(stage.pending)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: stage {stage.name}: {exc}") from None
-    return root, list(stages.values())
+    return names
+
+
+def _stage(where: str, raw: dict, overrides: list, defaults: dict, root: Path,
+           earlier: dict[str, Stage]) -> Stage:
+    """One stage: its keys over the defaults, its overrides, its links, validated."""
+    own = deep_copy({k: v for k, v in raw.items() if k not in ("name", "from")})
+    for key, value in overrides:  # as if written in the stage
+        set_dotted(own, key, value)
+    if "run_dir" in own:
+        raise ConfigError(f"{where}: run_dir is set by the pipeline ({root}/{raw['name']}); "
+                          f"remove it")
+    links = raw.get("from") or []
+    links = [links] if isinstance(links, str) else links
+    if not isinstance(links, list) or not all(isinstance(n, str) for n in links):
+        raise ConfigError(f"{where}: from: expected a stage name or a list of them")
+    merged = _merge(defaults, own)
+    merged["run_dir"] = str(root / raw["name"])
+    pending: list[str] = []
+    for link in links:
+        if link not in earlier:
+            raise ConfigError(f"{where}: from {link!r}: no earlier stage has that name "
+                              f"(earlier: {', '.join(earlier) or 'none'})")
+        pending += _link(where, own, merged, earlier[link], merged.get("algorithm", "dpo"))
+    if [earlier[n].cfg.algorithm != "rm" for n in links].count(True) > 1:
+        raise ConfigError(f"{where}: from {links}: more than one stage gives the policy")
+    try:
+        cfg = RunConfig.from_dict(merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return Stage(raw["name"], links, cfg, tuple(pending))
 
 
 # ---- running ------------------------------------------------------------------------------------
