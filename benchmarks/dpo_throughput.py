@@ -46,7 +46,7 @@ from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environm
 from vs_trl import (CORES, LR, MAX_WORDS, MIN_WORDS, StepClock, fmt, load_line, packing,
                     parse_args, preference_data, rate, rayalign_config, rayalign_figures,
                     rayalign_steps, small_model, spread_rows, step_figures, torch_threads,
-                    versions, write_results)
+                    trl_args, versions, write_results)
 
 log = logging.getLogger("dpo_throughput")
 
@@ -131,29 +131,11 @@ def run_trl(args, model_dir: Path, rows: list[dict]) -> dict:
         {"prompt": [{"role": "user", "content": r["prompt"]}],
          "chosen": [{"role": "assistant", "content": r["chosen"]}],
          "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
-    run_dir = Path(args.out) / "trl"
-    shutil.rmtree(run_dir, ignore_errors=True)
     config = DPOConfig(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
+        **trl_args(args),
         max_length=args.max_length,
-        learning_rate=LR,
         beta=BETA,
         loss_type=["sigmoid"],
-        max_steps=args.steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        logging_steps=10**6,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        # TRL's own defaults are bf16=True (autocast) and gradient_checkpointing=True; rayalign
-        # trains in float32 without checkpointing, so match that here
-        bf16=False,
-        gradient_checkpointing=False,
     )
     clock = StepClock()
     trainer = DPOTrainer(model=model, args=config, train_dataset=dataset,

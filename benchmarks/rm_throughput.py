@@ -48,7 +48,7 @@ from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environm
 from vs_trl import (CORES, LR, MAX_WORDS, MIN_WORDS, StepClock, TokenTally, fmt, laid_out,
                     load_line, packing, parse_args, preference_data, rate, rayalign_config,
                     rayalign_figures, rayalign_steps, small_model, spread_rows, step_figures,
-                    torch_threads, versions, write_results)
+                    torch_threads, trl_args, versions, write_results)
 
 log = logging.getLogger("rm_throughput")
 
@@ -84,7 +84,8 @@ def run_rayalign(args, model_dir: Path, train_path: Path, pairs: list) -> dict:
         "pairs_per_s": rate({r["step"]: r["pairs"] for r in steps}, seconds, args.warmup_steps),
         "tokens_per_s": rate(tokens, seconds, args.warmup_steps),
         "pairs": sum(r["pairs"] for r in steps), "tokens": sum(tokens.values()),
-        "slots": sum(laid_out(v, args.rayalign_attn)[0] for v in lengths.values()), "train_call_s": wall,
+        "slots": sum(laid_out(v, args.rayalign_attn)[0] for v in lengths.values()),
+        "train_call_s": wall,
         "final_accuracy": steps[-1].get("accuracy"),
     })
     log.info("rayalign: %.2f pairs/s over steps %d-%d (%.2fs), train() %.1fs in all, "
@@ -113,28 +114,10 @@ def run_trl(args, model_dir: Path, rows: list[dict], pairs: list) -> dict:
         {"prompt": [{"role": "user", "content": r["prompt"]}],
          "chosen": [{"role": "assistant", "content": r["chosen"]}],
          "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
-    run_dir = Path(args.out) / "trl"
-    shutil.rmtree(run_dir, ignore_errors=True)
     config = RewardConfig(
-        output_dir=str(run_dir),
+        **trl_args(args),
         model_init_kwargs={"dtype": "float32", "attn_implementation": "sdpa"},
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
         max_length=args.max_length,
-        learning_rate=LR,
-        max_steps=args.steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        logging_steps=10**6,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        # TRL's own defaults are bf16=True (autocast) and gradient_checkpointing=True; rayalign
-        # trains in float32 without checkpointing, so match that here
-        bf16=False,
-        gradient_checkpointing=False,
     )
     clock = StepClock()
     trainer = RewardTrainer(model=str(model_dir), args=config, train_dataset=dataset,
@@ -219,7 +202,8 @@ def report(args, n_params: int, ray_res: dict, trl_res: dict) -> str:
         "",
         f"Settings: model small Llama as a 1-label sequence classifier (causal LM "
         f"{n_params / 1e6:.2f}M parameters; TRL's model class {trl_res['model_class']}), "
-        f"float32, TRL sdpa, rayalign {args.rayalign_attn}; batch size {args.batch_size} pairs (1 micro-batch, no accumulation); "
+        f"float32, TRL sdpa, rayalign {args.rayalign_attn}; batch size {args.batch_size} pairs "
+        f"(1 micro-batch, no accumulation); "
         f"max length {args.max_length} tokens; {args.steps} steps, {args.warmup_steps} warm-up; "
         f"responses {MIN_WORDS}-{MAX_WORDS} words ({ray_res['tokens'] / ray_res['pairs']:.0f} "
         f"tokens per pair on average, prompt counted twice); each pair used once; "

@@ -49,7 +49,7 @@ from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environm
 from vs_trl import (CORES, LR, MAX_WORDS, MIN_WORDS, StepClock, TokenTally, fmt, keep_rows,
                     laid_out, load_line, packing, parse_args, rate, rayalign_config,
                     rayalign_figures, rayalign_steps, small_model, spread_rows, step_figures,
-                    torch_threads, versions, write_results)
+                    torch_threads, trl_args, versions, write_results)
 
 log = logging.getLogger("sft_throughput")
 
@@ -149,30 +149,12 @@ def run_trl(args, model_dir: Path, rows: list[dict], examples: list) -> dict:
     dataset = datasets.Dataset.from_list([
         {"prompt": [{"role": "user", "content": r["prompt"]}],
          "completion": [{"role": "assistant", "content": r["response"]}]} for r in rows])
-    run_dir = Path(args.out) / "trl"
-    shutil.rmtree(run_dir, ignore_errors=True)
     config = SFTConfig(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=1,
+        **trl_args(args),
         # padding-free without packing refuses a max_length; the rows already fit it
         max_length=None if args.trl_padding_free else args.max_length,
         padding_free=args.trl_padding_free,
         completion_only_loss=True,
-        learning_rate=LR,
-        max_steps=args.steps,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        logging_steps=10**6,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        seed=0,
-        # TRL's own defaults are bf16=True (autocast) and gradient_checkpointing=True; rayalign
-        # trains in float32 without checkpointing, so match that here
-        bf16=False,
-        gradient_checkpointing=False,
     )
     clock = StepClock()
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset,

@@ -133,7 +133,8 @@ def rayalign_config(args, algorithm: str, model_dir: Path, train_path: Path, **s
     cfg = {
         "algorithm": algorithm,
         "run_dir": str(Path(args.out) / "rayalign"),
-        "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": args.rayalign_attn},
+        "model": {"path": str(model_dir), "dtype": "float32",
+                  "attn_implementation": args.rayalign_attn},
         "data": {"train": str(train_path), "eval": None, "max_length": args.max_length},
         "policy": {"actors": n, "cpus": CORES / n, "zero_stage": args.zero_stage,
                    "gradient_checkpointing": False},
@@ -220,6 +221,23 @@ class TokenTally:
     def __call__(self, rows: list[dict]):
         self.lengths.append([n for r in rows for n in self.sizes(r)])
         return self.collate(rows)
+
+
+def trl_args(args) -> dict:
+    """The TrainingArguments every TRL config here shares: a fresh output dir, one batch of
+    --batch-size rows per optimizer step, --steps steps at the benchmark's lr, CPU, no eval,
+    saves, logging or progress bars."""
+    import shutil
+    run_dir = Path(args.out) / "trl"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return dict(
+        output_dir=str(run_dir), per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1, learning_rate=LR, max_steps=args.steps,
+        eval_strategy="no", save_strategy="no", report_to="none", use_cpu=True,
+        logging_steps=10**6, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+        # TRL's own defaults are bf16=True (autocast) and gradient_checkpointing=True; rayalign
+        # trains in float32 without checkpointing, so match that here
+        bf16=False, gradient_checkpointing=False)
 
 
 def torch_threads() -> None:
