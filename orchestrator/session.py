@@ -115,6 +115,7 @@ class RunSession:
         """Evaluate the trained model, save the final checkpoint unless the last step's is
         it, and report."""
         self.bar.close()
+        gc.unfreeze()  # the next run in this process (a pipeline's next stage) freezes its own
         after = self.evaluate(self.step)
         self.metrics.log(self.step, {f"final/{k}": v for k, v in after.items()})
         self.metrics.close()
