@@ -19,7 +19,6 @@ from orchestrator.dpo_losses import preference_loss
 from orchestrator.rm_losses import bradley_terry_loss
 
 OBJECTIVES: dict[str, Callable] = {}
-COUNTS = {"dpo": "pairs", "rm": "pairs", "sft": "target_tokens"}  # what the driver divides by
 
 
 def objective(name: str):

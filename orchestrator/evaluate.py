@@ -30,6 +30,11 @@ def pad_to_multiple(items: list, n: int) -> list:
     return items + [items[-1]] * extra
 
 
+def win(margin: float) -> float:
+    """A pair ranked by ``margin`` (chosen minus rejected): right 1, tie 0.5, wrong 0."""
+    return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
+
+
 def preference_accuracy(policy, pairs, ref: list[tuple[float, float]], beta: float) -> dict:
     """Share of held-out pairs whose chosen implicit reward beats the rejected (ties: half)."""
     logps = policy.run("logprobs", pad_to_multiple(pairs, len(policy)))[:len(pairs)]
@@ -37,7 +42,7 @@ def preference_accuracy(policy, pairs, ref: list[tuple[float, float]], beta: flo
     for (pc, pr), (rc, rr) in zip(logps, ref):
         margin = beta * ((pc - rc) - (pr - rr))
         margins.append(margin)
-        wins.append(1.0 if margin > 0 else 0.5 if margin == 0 else 0.0)
+        wins.append(win(margin))
     return {"eval/accuracy": mean(wins), "eval/margin": mean(margins)}
 
 
@@ -67,7 +72,7 @@ def reward_model_accuracy(policy, pairs, tokenizer, gold_fn=None) -> dict:
     and the gold rewards of every held-out response (chosen and rejected alike)."""
     scores = policy.run("rewards", pad_to_multiple(pairs, len(policy)))[:len(pairs)]
     diffs = [c - r for c, r in scores]
-    out = {"eval/accuracy": mean(1.0 if d > 0 else 0.5 if d == 0 else 0.0 for d in diffs),
+    out = {"eval/accuracy": mean(win(d) for d in diffs),
            "eval/margin": mean(diffs)}
     if gold_fn is not None:
         texts = tokenizer.batch_decode([p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs],

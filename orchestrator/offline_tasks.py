@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 class OfflineTask(ABC):
     """Base: ``train`` / ``eval`` rows, their load reports, and the per-step pieces."""
-    count = "pairs"            # the per-row count the metrics divide by (see actors/objectives)
+    count = "pairs"            # the sum the metrics divide by (a key of the objective's sums)
     rate = "pairs"             # reported per second next to tokens
 
     def __init__(self, cfg, tokenizer, reward_fn):
