@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from actors.group import ALL, dispatch
+from actors.group import ALL, Measured, dispatch
 from actors.runtime import node_address, set_dist_env, set_threads, skip_shm_comm_op
 
 
@@ -45,7 +45,7 @@ def deepspeed_config(cfg, role_cfg) -> dict:
     }
 
 
-class DeepSpeedActor:
+class DeepSpeedActor(Measured):
     """Base of a trainable role; ``role`` names its config section ("policy", "critic")."""
 
     role = ""

@@ -12,6 +12,7 @@ The driver then writes ``group.run("train_step", shards)`` without caring which.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 import ray
@@ -44,12 +45,25 @@ def split_even(items: list, n: int) -> list[list]:
     return out
 
 
+class Measured:
+    """Base of every role's actor class: what the driver reads about the process itself."""
+
+    def peak_rss_mib(self) -> float:
+        """The most resident memory this process (or a process it started) has held, in MiB."""
+        import resource
+        peaks = [resource.getrusage(who).ru_maxrss
+                 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+        return max(peaks) / 1024.0  # Linux reports KiB
+
+
 class ActorGroup:
     """N replicas of ``cls`` (a plain class; made remote here), one per placement bundle."""
 
     def __init__(self, role: str, cls: type, placement_group, num_actors: int, cpus: float,
                  gpus: float, init_args: tuple = (), env: dict | None = None):
         self.role, self.cls = role, cls
+        self.cpus, self.gpus, self.started = cpus, gpus, time.monotonic()
+        self.final_usage: dict | None = None
         remote_cls = ray.remote(cls)
         self.actors = []
         for rank in range(num_actors):
@@ -91,7 +105,22 @@ class ActorGroup:
     def run(self, method: str, *args, **kwargs) -> Any:
         return self.gather(method, self.submit(method, *args, **kwargs))
 
+    def usage(self) -> dict:
+        """The resources the group has held and for how long, and its replicas' peak memory:
+        {"actors", "cpus", "gpus" (per replica), "seconds", "peak_rss_mib" (None when a replica
+        did not answer)}. After :meth:`kill`, the figures of that moment."""
+        if self.final_usage is not None:
+            return self.final_usage
+        try:
+            peak = max(ray.get([a.peak_rss_mib.remote() for a in self.actors], timeout=10))
+        except Exception:  # a dead or hung replica: its memory is not known
+            peak = None
+        return {"actors": len(self.actors), "cpus": self.cpus, "gpus": self.gpus,
+                "seconds": time.monotonic() - self.started, "peak_rss_mib": peak}
+
     def kill(self) -> None:
+        if self.actors:
+            self.final_usage = self.usage()
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []

@@ -44,8 +44,13 @@ def dpo(trainer, mb: PreferenceBatch, whole: PreferenceBatch) -> tuple[torch.Ten
     n = len(mb)
     loss, stats = preference_loss(
         d.loss, logps[:n], logps[n:], mb.ref_chosen, mb.ref_rejected, d.beta, d.label_smoothing,
-        d.nll_weight, counts[:n], counts[n:], average_logratios=d.loss == "ipo" and d.ipo_average)
-    return loss, {**stats, "loss": loss.item() * n, "pairs": n, "tokens": tokens}
+        d.nll_weight, counts[:n], counts[n:], average_logratios=d.loss == "ipo" and d.ipo_average,
+        weights=mb.weights)
+    real = n if mb.weights is None else int((mb.weights > 0).sum())
+    return loss, {**stats, "pairs": real, "tokens": tokens}
+
+
+OBJECTIVES["online_dpo"] = dpo  # pairs sampled by the run itself (orchestrator/online_pairs.py)
 
 
 @objective("rm")

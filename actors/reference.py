@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from actors.group import SCATTER, dispatch
+from actors.group import SCATTER, Measured, dispatch
 from actors.logprobs import pair_logprobs, response_logprobs
 from actors.runtime import load_causal_lm, load_tokenizer, set_threads
 
 
-class Reference:
+class Reference(Measured):
     def __init__(self, rank: int, world_size: int, cfg):
         set_threads(cfg.reference.cpus)
         torch.manual_seed(cfg.train.seed)

@@ -36,7 +36,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from http.client import HTTPException
 
-from actors.group import SCATTER, dispatch
+from actors.group import SCATTER, Measured, dispatch
 
 KINDS = ("model", "function", "http")
 RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
@@ -288,7 +288,7 @@ def make_reward(settings: RewardSettings):
     return ModelReward(settings.model_path, settings.micro_batch, settings.dtype, device)
 
 
-class RewardScorer:
+class RewardScorer(Measured):
     """One reward replica (a Ray actor through ``ActorGroup``)."""
 
     def __init__(self, rank: int, world_size: int, settings: RewardSettings):

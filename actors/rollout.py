@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, fields
 
-from actors.group import ALL, SCATTER, dispatch
+from actors.group import ALL, SCATTER, Measured, dispatch
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class RolloutSample:
     finish_reason: str
 
 
-class EngineBase:
+class EngineBase(Measured):
     """What every kind of rollout engine shares: its settings, the prompt-length rules, the
     order of results, and its place in the trainer<->engines weight-sync group."""
 

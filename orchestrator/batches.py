@@ -36,10 +36,13 @@ class PreferenceBatch(Rows):
     pairs: the tokenized pairs (prompt ids kept apart from chosen/rejected response ids, and
     the pair's margin). ref_chosen, ref_rejected: float tensors [len(pairs)], the reference
     model's log-prob of each response summed over its tokens (DPO; None for a reward model).
+    weights: float tensor [len(pairs)] of per-pair loss factors, or None (all 1): online DPO
+    fills a step up to its fixed pair count with weight-0 copies (orchestrator/online_pairs.py).
     """
     pairs: list[PreferenceExample]
     ref_chosen: torch.Tensor | None = None
     ref_rejected: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
     @classmethod
     def build(cls, pairs: list[PreferenceExample],

@@ -1,5 +1,5 @@
-"""The ``rayalign`` command line: train, pipeline, validate, generate, schema, tiny-model,
-synthetic-data."""
+"""The ``rayalign`` command line: train, pipeline, compare, validate, generate, schema,
+tiny-model, synthetic-data."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +17,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("train", "run training from a YAML config"),
                        ("pipeline", "run a pipeline's stages in order (SFT -> RM -> PPO, ...); "
                                     "a re-run skips done stages and resumes an interrupted one"),
-                       ("validate", "check a run or pipeline config and exit (0 when valid)")):
+                       ("compare", "run the arms of a comparison (SFT, DPO, PPO, GRPO, online "
+                                   "DPO; sweeps, seeds) and write a report with plots; a re-run "
+                                   "runs only what is not done"),
+                       ("validate", "check a run, pipeline or comparison config and exit (0 "
+                                    "when valid)")):
         c = sub.add_parser(name, help=text)
         c.add_argument("config", help="YAML config file, e.g. configs/dpo-tiny.yaml or "
                                       "configs/rlhf-tiny.yaml (a pipeline)")
@@ -77,19 +81,35 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _is_pipeline(path: str) -> bool:
+def _kind(path: str) -> str:
+    """What a config file holds: "comparison" (arms), "pipeline" (stages) or "run"."""
     from pathlib import Path
 
     from orchestrator.config import parse_yaml
     try:
         spec = parse_yaml(Path(path).read_text())
     except Exception:  # unreadable files get their error from the loader that follows
-        return False
-    return isinstance(spec, dict) and "stages" in spec
+        return "run"
+    if isinstance(spec, dict) and "arms" in spec:
+        return "comparison"
+    return "pipeline" if isinstance(spec, dict) and "stages" in spec else "run"
 
 
 def _run(args) -> int:
-    if args.command == "pipeline" or (args.command == "validate" and _is_pipeline(args.config)):
+    kind = _kind(args.config) if args.command == "validate" else None
+    if args.command == "compare" or kind == "comparison":
+        from orchestrator.compare import load_comparison, run_comparison
+        comp = load_comparison(args.config, args.overrides)
+        if args.command == "validate":
+            log.info("%s: valid comparison: %d shared stages, %d arm runs", args.config,
+                     len(comp.shared), len(comp.runs))
+            return 0
+        trained = [r.stage for r in comp.runs if r.stage] + comp.shared
+        logging.getLogger().setLevel(trained[0].cfg.log.level if trained else "INFO")
+        paths = run_comparison(comp)
+        log.info("report: %s", paths["report.md"])
+        return 0
+    if args.command == "pipeline" or kind == "pipeline":
         from orchestrator.pipelines import load_pipeline, run_pipeline
         root, stages = load_pipeline(args.config, args.overrides)
         if args.command == "validate":

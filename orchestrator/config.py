@@ -211,6 +211,11 @@ class RLConfig:
                                        "tis_cap to weight tokens for that lag)")
     tis_cap: Optional[float] = param(None, "cap of the truncated importance weight between the "
                                            "engine's and the trainer's log-probs; none is off", gt=0)
+    rounds: int = param(0, "online_dpo: 0 steps on pairs of every step's own samples; N > 0 runs "
+                           "iterative DPO instead: N rounds of (sample a preference set with the "
+                           "current policy, label it with the reward role, train offline DPO on "
+                           "it for max_steps / N steps), as pipeline stages (orchestrator/rounds.py)",
+                        ge=0)
 
 
 @dataclass
@@ -245,7 +250,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     batch_size: int = param(8, "rows per optimizer step over all trainer replicas (pairs for dpo "
-                               "and rm, sequences for sft, samples for online RL)", ge=1)
+                               "and rm, sequences for sft, samples for online RL; online_dpo: "
+                               "rl.prompts_per_step pairs, one step per rollout)", ge=1)
     micro_batch_size: int = param(8, "rows per forward pass on one replica", ge=1)
     max_steps: int = param(100, "optimizer steps in the run", ge=1)
     seed: int = param(0, "seed for the sampler, model init and dropout", ge=0)
@@ -297,8 +303,10 @@ class RunConfig:
     model: ModelConfig = param(help="the policy to train")
     data: DataConfig = param(help="datasets")
     algorithm: str = param("dpo", "training method: offline DPO, supervised fine-tuning, reward "
-                                  "model, online PPO with a critic, or online critic-free RL",
-                           choices=("dpo", "sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp"))
+                                  "model, online PPO with a critic, online critic-free RL, or "
+                                  "online DPO (pairs from the run's own samples)",
+                           choices=("dpo", "sft", "rm", "ppo", "grpo", "rloo", "reinforce_pp",
+                                    "online_dpo"))
     run_dir: str = param("runs/default", "where checkpoints, metrics and logs go: a local path "
                                          "(shared by all nodes on a cluster) or a URI that pyarrow "
                                          "opens (s3://, gs://, hdfs://, abfs://), staged locally")
@@ -359,7 +367,7 @@ class RunConfig:
                                   f"divide the {per_actor} samples each {role} replica gets per step")
         if self.eval.reward_fn is not None and ":" not in self.eval.reward_fn:
             raise ConfigError(f"eval.reward_fn: {self.eval.reward_fn!r} must look like module:function")
-        if self.algorithm != "dpo":
+        if self.algorithm not in ("dpo", "online_dpo"):
             return
         if self.dpo.loss == "cdpo" and self.dpo.label_smoothing == 0:
             raise ConfigError("dpo.label_smoothing: loss 'cdpo' needs a value in (0, 0.5)")
@@ -404,10 +412,22 @@ class RunConfig:
     def _check_online(self) -> None:
         rl, rollout_size = self.rl, self.rl.prompts_per_step * self.rl.group_size
         self.rollout.check()
-        if self.algorithm in ("grpo", "rloo") and rl.group_size < 2:
+        if self.algorithm in ("grpo", "rloo", "online_dpo") and rl.group_size < 2:
             raise ConfigError(f"rl.group_size: {self.algorithm} compares responses to one prompt; "
                               f"use at least 2")
-        if rollout_size % self.train.batch_size:
+        if rl.rounds and self.algorithm != "online_dpo":
+            raise ConfigError(f"rl.rounds: {rl.rounds} is for algorithm online_dpo (iterative "
+                              f"DPO), not {self.algorithm}; set it to 0")
+        if rl.rounds and self.train.max_steps % rl.rounds:
+            raise ConfigError(f"train.max_steps: {self.train.max_steps} does not split into "
+                              f"rl.rounds={rl.rounds} rounds of equal steps; use a multiple of "
+                              f"{rl.rounds}")
+        if self.algorithm == "online_dpo" and not rl.rounds:
+            if self.train.batch_size != rl.prompts_per_step:
+                raise ConfigError(f"train.batch_size: {self.train.batch_size}; online_dpo takes one "
+                                  f"step per rollout on at most one pair per prompt: set it to "
+                                  f"rl.prompts_per_step ({rl.prompts_per_step})")
+        elif rollout_size % self.train.batch_size:
             raise ConfigError(f"train.batch_size: {self.train.batch_size} samples per optimizer step "
                               f"must divide the {rollout_size} samples of a step "
                               f"(rl.prompts_per_step x rl.group_size)")
@@ -439,7 +459,7 @@ class RunConfig:
                               f"(no config.json)")
         for key in ("train", "eval"):
             value = getattr(self.data, key)
-            if value is not None and not Path(value).is_file():
+            if value is not None and f"data.{key}" not in pending and not Path(value).is_file():
                 raise ConfigError(f"data.{key}: file {value} not found")
 
     @property

@@ -68,12 +68,16 @@ def preference_loss(name: str, pi_chosen: torch.Tensor, pi_rejected: torch.Tenso
                     label_smoothing: float = 0.0, nll_weight: float = 0.0,
                     chosen_tokens: torch.Tensor | None = None,
                     rejected_tokens: torch.Tensor | None = None,
-                    average_logratios: bool = False) -> tuple[torch.Tensor, dict]:
+                    average_logratios: bool = False,
+                    weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Mean loss over the pairs and the per-batch statistics that go into the metrics.
 
     Implicit rewards are beta * (log pi - log ref) for each response; accuracy counts a pair
     as right when the chosen reward is higher, and a tie as half right. ``chosen_tokens`` /
     ``rejected_tokens``: response lengths, needed by the NLL term and ``average_logratios``.
+    ``weights``: per-pair factors of the loss (online DPO pads a step's pairs to a fixed count
+    with weight-0 copies); the statistics (the loss's unweighted sum among them) sum over the
+    pairs of weight > 0 only.
     """
     if average_logratios:
         if chosen_tokens is None or rejected_tokens is None:
@@ -87,7 +91,10 @@ def preference_loss(name: str, pi_chosen: torch.Tensor, pi_rejected: torch.Tenso
         if chosen_tokens is None:
             raise ValueError("nll_weight > 0 needs chosen_tokens (response lengths) for the NLL term")
         per_pair = per_pair + nll_weight * (-pi_chosen / chosen_tokens.clamp(min=1))
+    keep = slice(None) if weights is None else weights > 0
     with torch.no_grad():
+        pi_chosen, pi_rejected = pi_chosen[keep], pi_rejected[keep]
+        ref_chosen, ref_rejected = ref_chosen[keep], ref_rejected[keep]
         r_c = beta * (pi_chosen - ref_chosen)
         r_r = beta * (pi_rejected - ref_rejected)
         stats = {
@@ -97,5 +104,8 @@ def preference_loss(name: str, pi_chosen: torch.Tensor, pi_rejected: torch.Tenso
             "rewards/accuracy": ((r_c > r_r).float() + 0.5 * (r_c == r_r).float()).sum().item(),
             "logps/chosen": pi_chosen.sum().item(),
             "logps/rejected": pi_rejected.sum().item(),
+            "loss": per_pair[keep].sum().item(),  # unweighted, over the pairs kept
         }
+    if weights is not None:
+        per_pair = per_pair * weights
     return per_pair.mean(), stats

@@ -45,9 +45,11 @@ def run_offline(cfg, storage: RunStorage | None = None) -> TrainResult:
     check_model_fits(cfg, task.token_lists())
     roles = start_offline_roles(cfg)
     try:
-        return _train(cfg, session, task, roles)
+        result = _train(cfg, session, task, roles)
     finally:
         roles.shutdown()
+    result.usage = roles.usage()
+    return result
 
 
 def _train(cfg, session: RunSession, task, roles) -> TrainResult:

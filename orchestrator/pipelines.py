@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from orchestrator.config import OFFLINE, RunConfig, deep_copy, parse_yaml, read_yaml
+from orchestrator.rounds import DONE as PAIRS_DONE, PAIRS, make_pairs, round_configs
 from orchestrator.schema import ConfigError, set_dotted
 from orchestrator.storage import MARKER
 
@@ -59,18 +60,27 @@ class Stage:
     name: str
     links: list[str]           # the earlier stages it reads from, in the order given
     cfg: RunConfig
-    pending: tuple[str, ...]   # config keys naming dirs that earlier stages make
+    pending: tuple[str, ...]   # config keys naming dirs or files that earlier stages make
+    kind: str = "train"        # or "pairs": a round of iterative DPO sampling its preference set
 
     @property
     def output(self) -> Path:
-        """The model dir this stage's final checkpoint holds."""
+        """The model dir this stage's final checkpoint holds (a pairs stage: its pairs file)."""
+        if self.kind == "pairs":
+            return Path(self.cfg.run_dir) / PAIRS
         return final_checkpoint(self.cfg) / "model"
 
     def done(self) -> bool:
+        if self.kind == "pairs":
+            return (Path(self.cfg.run_dir) / PAIRS_DONE).is_file()
         return (final_checkpoint(self.cfg) / MARKER).is_file()
 
 
 def final_checkpoint(cfg: RunConfig) -> Path:
+    if cfg.algorithm == "online_dpo" and cfg.rl.rounds:  # iterative DPO run as one: its last round
+        n = cfg.rl.rounds
+        return (Path(cfg.run_dir) / f"dpo_r{n}" / "checkpoints"
+                / f"step-{cfg.train.max_steps // n:07d}")
     return Path(cfg.run_dir) / "checkpoints" / f"step-{cfg.train.max_steps:07d}"
 
 
@@ -84,8 +94,13 @@ class StageResult:
     wall_s: float | None       # seconds of the invocation that finished the stage
     before: dict = field(default_factory=dict)
     after: dict = field(default_factory=dict)
+    usage: dict = field(default_factory=dict)  # per role, of this invocation (TrainResult.usage)
 
     def metrics(self) -> str:
+        if self.algorithm == "pairs":
+            a = self.after
+            return (f"{a['pairs']} pairs from {a['prompts']} prompts ({a['ties']} ties), reward "
+                    f"of samples {a['reward_mean']:.3f}") if a else "-"
         keys = KEY_METRICS.get(self.algorithm, ONLINE_METRICS)
         parts = [f"{k} {self.before[k]:.3f} -> {self.after[k]:.3f}" for k in keys
                  if isinstance(self.before.get(k), (int, float))
@@ -188,9 +203,11 @@ def load_pipeline(path: str | Path, overrides=()) -> tuple[Path, list[Stage]]:
     return build_pipeline(read_yaml(path, "pipeline"), overrides, str(path))
 
 
-def build_pipeline(spec: dict, overrides=(), source: str = "pipeline") -> tuple[Path, list[Stage]]:
+def build_pipeline(spec: dict, overrides=(), source: str = "pipeline",
+                   rounds: bool = True) -> tuple[Path, list[Stage]]:
     """The pipeline's run dir and its stages, each a validated RunConfig linked to the stages
-    it reads from (see the module docstring)."""
+    it reads from (see the module docstring). ``rounds``: an iterative-DPO stage becomes its
+    rounds' stages; without, it stays one stage that ``train`` runs round by round."""
     names = _stage_names(spec, source)
     sections = {f.name for f in dataclasses.fields(RunConfig)}
     run_dir, per_stage, common = _split_overrides(overrides, set(names), sections)
@@ -203,17 +220,37 @@ def build_pipeline(spec: dict, overrides=(), source: str = "pipeline") -> tuple[
     if "://" in root:
         raise ConfigError(f"run_dir: {root}: a pipeline's stages read each other's model dirs, "
                           f"so its run_dir is a local path (shared storage on a cluster)")
-    stages: dict[str, Stage] = {}
+    stages: dict[str, Stage] = {}   # every stage, iterative-DPO rounds each one
+    links: dict[str, Stage] = {}    # what ``from: <name>`` reads: a stage, or its last round
     for i, raw in enumerate(spec["stages"]):
         where = f"{source}: stages[{i}] ({raw['name']})"
-        stages[raw["name"]] = _stage(where, raw, per_stage[raw["name"]], defaults,
-                                     Path(root), stages)
+        stage = _stage(where, raw, per_stage[raw["name"]], defaults, Path(root), links)
+        for s in expand_rounds(stage, Path(root)) if rounds else [stage]:
+            if s.name in stages or s.name in names and s.name != stage.name:
+                raise ConfigError(f"{where}: its round stage {s.name!r} has the name of "
+                                  f"another stage; rename one")
+            stages[s.name] = s
+        links[stage.name] = s
     for stage in stages.values():
         try:
             stage.cfg.check_paths(stage.pending)
         except ConfigError as exc:
             raise ConfigError(f"{source}: stage {stage.name}: {exc}") from None
     return Path(root), list(stages.values())
+
+
+def expand_rounds(stage: Stage, root: Path) -> list[Stage]:
+    """An iterative-DPO stage (online_dpo with rl.rounds) as its rounds' stages
+    (orchestrator/rounds.py); any other stage as it is."""
+    if stage.cfg.algorithm != "online_dpo" or not stage.cfg.rl.rounds:
+        return [stage]
+    out = []
+    for j, (name, kind, cfg) in enumerate(round_configs(stage.cfg, root, stage.name)):
+        pending = set(stage.pending if j < 2 else ("model.path",))
+        out.append(Stage(name, stage.links, cfg,
+                         tuple(sorted(pending | ({"data.train"} if kind == "train" else set()))),
+                         kind))
+    return out
 
 
 def _stage_names(spec, source: str) -> list[str]:
@@ -269,6 +306,9 @@ def _stage(where: str, raw: dict, overrides: list, defaults: dict, root: Path,
 def _recorded(stage: Stage) -> StageResult:
     """What a done stage recorded; the before/after evaluations from its metrics.jsonl when
     the stage's own record was not written (a stop right after the final checkpoint)."""
+    if stage.kind == "pairs":
+        return StageResult(stage.name, "pairs", "skipped", 0, stage.output, None, {},
+                           json.loads((Path(stage.cfg.run_dir) / PAIRS_DONE).read_text()))
     record = Path(stage.cfg.run_dir) / RESULT
     if record.is_file():
         data = json.loads(record.read_text())
@@ -312,11 +352,17 @@ def run_pipeline(root: Path, stages: list[Stage]) -> PipelineResult:
                      stage.cfg.algorithm, stage.cfg.run_dir,
                      "".join(f"; from {n}" for n in stage.links))
             t0 = time.perf_counter()
+            if stage.kind == "pairs":
+                record = make_pairs(stage.cfg)
+                usage = record.pop("usage")
+                results.append(StageResult(stage.name, "pairs", "ran", 0, stage.output,
+                                           time.perf_counter() - t0, {}, record, usage))
+                continue
             out = train(stage.cfg)
             wall = time.perf_counter() - t0
             res = StageResult(stage.name, stage.cfg.algorithm,
                               "resumed" if out.resumed_from else "ran", out.steps, out.model_dir,
-                              wall, out.before, out.after)
+                              wall, out.before, out.after, out.usage)
             (Path(stage.cfg.run_dir) / RESULT).write_text(json.dumps(
                 {"steps": res.steps, "model_dir": str(res.model_dir), "wall_s": wall,
                  "before": _plain(res.before), "after": _plain(res.after)}, indent=1))

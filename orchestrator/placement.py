@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -236,7 +237,10 @@ def place(req: RoleRequest, timeout_s: float, cluster: ClusterConfig | None = No
     """Reserve one bundle per replica (packed onto few nodes) and wait until it is held: up to
     ``timeout_s``, or, where an autoscaler may add nodes, up to ``cluster.capacity_timeout_s``
     when that is longer (a pending placement group asks the autoscaler for nodes itself)."""
-    pg = placement_group([req.bundle()] * req.actors, strategy="PACK", name=f"rayalign-{req.role}")
+    # named for `ray status` and the dashboard; unique, since runs can share a cluster (the
+    # arms of `rayalign compare`) and a placement group's name is unique within a job
+    pg = placement_group([req.bundle()] * req.actors, strategy="PACK",
+                         name=f"rayalign-{req.role}-{uuid.uuid4().hex[:8]}")
     ready = pg.ready()
     if _ready_within(ready, timeout_s):
         return pg

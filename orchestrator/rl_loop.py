@@ -1,12 +1,14 @@
-"""The online RL loop (PPO with a critic; critic-free GRPO, RLOO, REINFORCE++), one step:
+"""The online loop (PPO with a critic; critic-free GRPO, RLOO, REINFORCE++; online DPO), one step:
 
     prompts -> rollout.generate -> {reward.score, reference.logprobs, policy.logprobs,
                                     critic.values}
             -> advantages (driver) -> {policy.rl_step, critic.critic_step}
+               or best/worst pairs (online DPO) -> policy.train_step
             -> policy => rollout weight sync
 
-The algorithm only picks the advantage estimator (orchestrator/advantages.py) and whether a
-critic takes part; everything else is this one loop. With ``rl.async_rollout`` the engines
+The algorithm only picks the update: an advantage estimator (orchestrator/advantages.py) and
+whether a critic takes part, or online DPO's pairs (orchestrator/online_pairs.py); everything
+else is this one loop. With ``rl.async_rollout`` the engines
 generate step k+1's batch while step k trains (one update behind), and its scoring starts as
 soon as it is in, before step k's weight sync.
 """
@@ -29,6 +31,7 @@ from orchestrator.data import load_prompts
 from orchestrator.evaluate import load_reward_fn, pad_to_multiple
 from orchestrator.kl import kl_per_token
 from orchestrator.metrics import PhaseTimer, combine_replicas
+from orchestrator.online_pairs import PairUpdate
 from orchestrator.rl_losses import explained_variance
 from orchestrator.roles import RLRoles
 from orchestrator.sampler import ResumableSampler
@@ -87,8 +90,51 @@ def needs_old_logprobs(cfg) -> bool:
     penalty in the rewards needs them before the update.
     """
     rl = cfg.rl
+    if cfg.algorithm == "online_dpo":  # a preference step against the reference only
+        return False
     one_step = rl.epochs == 1 and cfg.train.batch_size == rl.prompts_per_step * rl.group_size
     return not (one_step and (rl.kl_mode == "loss" or rl.kl_coef == 0))
+
+
+class EstimatorUpdate:
+    """The RL estimators' update: advantages from the scored rollout, then the policy's clipped
+    step (and, for PPO, the critic's) side by side."""
+
+    def __init__(self, cfg, roles, ro: Rollout, rewards: torch.Tensor, ref_lp, old_lp,
+                 value_rows):
+        self.roles, rl = roles, cfg.rl
+        seqs = ro.sequences()
+        mask = pad_tokens([[1.0] * len(r) for _, r in seqs])
+        width = mask.shape[1]
+        ref = pad_tokens(ref_lp, width)
+        engine_lp = pad_tokens([s.logprobs for s in ro.samples], width)
+        old = pad_tokens(old_lp, width) if old_lp is not None else None
+        self.values = pad_tokens(value_rows, width) if value_rows is not None else None
+        kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if old is not None else None
+        adv, self.returns = _advantages(cfg, rewards, mask.bool(), kl, self.values)
+        self.mask = mask
+        self.batch = RolloutBatch(seqs, mask, adv, old, ref, engine_lp, self.values, self.returns)
+        self.critic_refs = None
+
+    def submit(self) -> list:
+        """The policy's call refs and the critic's after them (when there is a critic)."""
+        roles = self.roles
+        refs = roles.policy.submit("rl_step", self.batch.split(len(roles.policy)))
+        if roles.critic:
+            self.critic_refs = roles.critic.submit("critic_step",
+                                                   self.batch.split(len(roles.critic)))
+        return refs + (self.critic_refs or [])
+
+    def gather(self, refs: list) -> dict:
+        roles, values, mask = self.roles, self.values, self.mask
+        row = combine_replicas(roles.policy.gather("rl_step", refs[:len(roles.policy)]),
+                               "samples", same=("grad_norm", "lr"))
+        if roles.critic:
+            row.update(combine_replicas(roles.critic.gather("critic_step", self.critic_refs),
+                                        "samples", same=("critic_grad_norm",)))
+            row.update({"explained_variance": explained_variance(values, self.returns, mask),
+                        "values/mean": (values * mask).sum().item() / mask.sum().item()})
+        return row
 
 
 def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
@@ -102,9 +148,12 @@ def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
     gold = load_reward_fn(cfg.eval.reward_fn)
     roles = RLRoles(cfg)
     try:
-        return _train(cfg, session, roles, tokenizer, prompts, held_out, gold, [report.summary()])
+        result = _train(cfg, session, roles, tokenizer, prompts, held_out, gold,
+                        [report.summary()])
     finally:
         roles.shutdown()
+    result.usage = roles.usage()
+    return result
 
 
 def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) -> TrainResult:
@@ -188,30 +237,14 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         with timer.phase("score"):
             rewards, ref_lp, old_lp, value_rows = scores(ro)
         with timer.phase("other"):
-            seqs = ro.sequences()
-            mask = pad_tokens([[1.0] * len(r) for _, r in seqs])
-            width = mask.shape[1]
-            ref = pad_tokens(ref_lp, width)
-            engine_lp = pad_tokens([s.logprobs for s in ro.samples], width)
-            old = pad_tokens(old_lp, width) if needs_old else None
-            values = pad_tokens(value_rows, width) if roles.critic else None
-            kl = kl_per_token(rl.kl_estimator, old, ref, mask.bool()) if old is not None else None
-            adv, returns = _advantages(cfg, rewards, mask.bool(), kl, values)
-            batch = RolloutBatch(seqs, mask, adv, old, ref, engine_lp, values, returns)
+            update = (PairUpdate(cfg, roles, ro, rewards, ref_lp) if cfg.algorithm == "online_dpo"
+                      else EstimatorUpdate(cfg, roles, ro, rewards, ref_lp, old_lp, value_rows))
         nxt = ahead[0] if ahead and ahead[0].scoring is None else None  # async: next batch
-        with timer.phase("train"):  # policy and critic update side by side
-            refs = roles.policy.submit("rl_step", batch.split(len(roles.policy)))
-            critic_refs = (roles.critic.submit("critic_step", batch.split(len(roles.critic)))
-                           if roles.critic else None)
-            if nxt is not None and _first_done(nxt.generating, refs + (critic_refs or [])) == 0:
+        with timer.phase("train"):  # policy (and critic) update
+            refs = update.submit()
+            if nxt is not None and refs and _first_done(nxt.generating, refs) == 0:
                 start_scoring(nxt)  # async: the next batch is in first; score it meanwhile
-            row = combine_replicas(roles.policy.gather("rl_step", refs), "samples",
-                                   same=("grad_norm", "lr"))
-            if roles.critic:
-                row.update(combine_replicas(roles.critic.gather("critic_step", critic_refs),
-                                            "samples", same=("critic_grad_norm",)))
-                row.update({"explained_variance": explained_variance(values, returns, mask),
-                            "values/mean": (values * mask).sum().item() / mask.sum().item()})
+            row = update.gather(refs)
         if nxt is not None and nxt.scoring is None:
             with timer.phase("generate"):  # async: the next batch's sampling outlasted the update
                 start_scoring(nxt)
@@ -222,7 +255,7 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
             ahead.append(launch(step + 2))  # sampled with the weights just synced
         row["batch/rows"] = [p.row for p in ro.prompts]  # which prompt rows this step used
         row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                    "response/length": mask.sum(1).mean().item()})
+                    "response/length": mean(len(s.response_ids) for s in ro.samples)})
         row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
         # async: later steps' prompts are drawn already; a checkpoint keeps the sampler as it
         # was before the oldest of those draws, so a resume draws them again

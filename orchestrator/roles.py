@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
@@ -118,16 +118,40 @@ class OfflineRoles:
     """The trainer group, and for DPO the reference group."""
     policy: ActorGroup
     reference: ActorGroup | None
+    retired: list[ActorGroup] = field(default_factory=list)  # stopped early, for usage()
 
     def stop_reference(self) -> None:
         """Free the reference's resources once its log-probs are all precomputed."""
         if self.reference is not None:
             stop_group(self.reference)
+            self.retired.append(self.reference)
             self.reference = None
 
     def shutdown(self) -> None:
         self.stop_reference()
         stop_group(self.policy)
+
+    def usage(self) -> dict:
+        """Per role: resources held, for how long, peak memory (ActorGroup.usage)."""
+        return role_usage([self.policy, self.reference, *self.retired])
+
+
+def role_usage(groups: list) -> dict:
+    return {g.role: g.usage() for g in groups if g is not None}
+
+
+def merge_usage(parts: list[dict]) -> dict:
+    """The usage of runs one after another (iterative DPO's rounds): per role, the seconds
+    added, the largest replica count, CPUs, GPUs and peak memory."""
+    out: dict = {}
+    for part in parts:
+        for role, u in part.items():
+            m = out.setdefault(role, dict(u, seconds=0.0))
+            m["seconds"] += u["seconds"]
+            for key in ("actors", "cpus", "gpus", "peak_rss_mib"):
+                if u.get(key) is not None:
+                    m[key] = max(m.get(key) or 0, u[key])
+    return out
 
 
 def setup_trainers(*groups: ActorGroup) -> list[int]:
@@ -232,5 +256,8 @@ class RLRoles:
     def shutdown(self) -> None:
         for group in self.groups:
             group.kill()
-        self.groups = []
         self.placement.release()
+
+    def usage(self) -> dict:
+        """Per role: resources held, for how long, peak memory (ActorGroup.usage)."""
+        return role_usage(self.groups)

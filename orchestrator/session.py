@@ -42,6 +42,8 @@ class TrainResult:
     after: dict = field(default_factory=dict)
     data: list[str] = field(default_factory=list)
     resumed_from: Path | None = None
+    # per role: replicas, CPUs and GPUs per replica, seconds held, peak resident MiB
+    usage: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"run {self.run_dir}: {self.steps} steps, model in {self.model_dir}"]

@@ -137,8 +137,26 @@ def test_stats_by_hand():
 
 def test_stats_same_for_every_loss():
     ref = preference_loss("sigmoid", *tensors(), beta=BETA)[1]
+    ref.pop("loss")
     for name in DPO_LOSSES:
-        assert preference_loss(name, *tensors(), beta=BETA, label_smoothing=0.1)[1] == ref
+        loss, stats = preference_loss(name, *tensors(), beta=BETA, label_smoothing=0.1)
+        assert stats.pop("loss") == pytest.approx(loss.item() * 3)
+        assert stats == ref
+
+
+def test_weights_scale_pairs_and_zero_weight_pairs_leave_the_stats():
+    """Online DPO pads a step with weight-0 copies: they add nothing to the loss or its
+    gradient, and the statistics count only the weighted pairs."""
+    pc, pr, rc, rr = (t.requires_grad_(i < 2) for i, t in enumerate(tensors()))
+    w = torch.tensor([1.5, 1.5, 0.0])
+    loss, stats = preference_loss("sigmoid", pc, pr, rc, rr, beta=BETA, weights=w)
+    per = -torch.nn.functional.logsigmoid(BETA * ((pc - pr) - (rc - rr))).detach()
+    assert loss.item() == pytest.approx((1.5 * per[0] + 1.5 * per[1]).item() / 3)
+    assert stats["loss"] == pytest.approx((per[0] + per[1]).item())
+    only_two = preference_loss("sigmoid", pc[:2], pr[:2], rc[:2], rr[:2], beta=BETA)[1]
+    assert stats == pytest.approx(only_two)
+    loss.backward()
+    assert pc.grad[2].item() == 0.0 and pr.grad[2].item() == 0.0
 
 
 def _grads(name, **kw):
