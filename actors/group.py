@@ -8,10 +8,16 @@ How a call fans out is declared where the method is defined, with :func:`dispatc
     SHARDS   the first argument is already a list of N per-replica values
 
 The driver then writes ``group.run("train_step", shards)`` without caring which.
+
+Every wait on a group has a deadline (``deadline_s``, plus ``deadline_per_row_s`` for each row a
+call carries): a replica that dies, or does not answer in time, is named in a
+:class:`RoleFailure` (role, rank, node, pid, cause) as soon as it is seen, instead of a raw
+Ray traceback or an endless wait.
 """
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Callable
 
@@ -45,8 +51,32 @@ def split_even(items: list, n: int) -> list[list]:
     return out
 
 
+class RoleFailure(RuntimeError):
+    """A replica of a role died, or did not answer one call within its deadline."""
+
+    def __init__(self, role: str, rank: int, node: str, pid, cause: str, method: str):
+        self.role, self.rank, self.node, self.pid = role, rank, node, pid
+        self.cause, self.method = cause, method
+        super().__init__(f"role {role} rank {rank} (node {node}, pid {pid}): {cause}, "
+                         f"during {method}")
+
+
+def death_cause(exc: Exception) -> str:
+    """A short cause of an actor's death from Ray's error."""
+    text = str(exc)
+    if isinstance(exc, getattr(ray.exceptions, "OutOfMemoryError", ())) or "low on memory" in text:
+        return "killed for lack of memory (OOM)"
+    detail = re.search(r"Worker exit detail: (.*?)(?:\. There are|\n|$)", text)
+    return "process died" + (f" ({detail.group(1).strip()})" if detail else "")
+
+
 class Measured:
     """Base of every role's actor class: what the driver reads about the process itself."""
+
+    def where(self) -> tuple[str, int]:
+        """(node IP, pid) of this replica."""
+        import os
+        return ray.util.get_node_ip_address(), os.getpid()
 
     def peak_rss_mib(self) -> float:
         """The most resident memory this process (or a process it started) has held, in MiB."""
@@ -60,9 +90,12 @@ class ActorGroup:
     """N replicas of ``cls`` (a plain class; made remote here), one per placement bundle."""
 
     def __init__(self, role: str, cls: type, placement_group, num_actors: int, cpus: float,
-                 gpus: float, init_args: tuple = (), env: dict | None = None):
+                 gpus: float, init_args: tuple = (), env: dict | None = None,
+                 deadline_s: float = 900.0, deadline_per_row_s: float = 1.0):
         self.role, self.cls = role, cls
         self.cpus, self.gpus, self.started = cpus, gpus, time.monotonic()
+        self.deadline_s, self.deadline_per_row_s = deadline_s, deadline_per_row_s
+        self._rows: dict = {}  # ref -> rows its call carried (for its deadline)
         self.final_usage: dict | None = None
         remote_cls = ray.remote(cls)
         self.actors = []
@@ -74,6 +107,7 @@ class ActorGroup:
                 name=None, runtime_env={"env_vars": dict(env or {})} if env else None,
             ).remote(rank, num_actors, *init_args)
             self.actors.append(actor)
+        self._where = [a.where.remote() for a in self.actors]  # read when one fails
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -93,14 +127,33 @@ class ActorGroup:
         shards = split_even(list(first), len(self)) if mode == SCATTER else list(first)
         if len(shards) != len(self):
             raise ValueError(f"role {self.role}: {method} needs {len(self)} shards, got {len(shards)}")
-        return [getattr(a, method).remote(s, *rest, **kwargs) for a, s in zip(self.actors, shards)]
+        refs = [getattr(a, method).remote(s, *rest, **kwargs) for a, s in zip(self.actors, shards)]
+        for ref, shard in zip(refs, shards):
+            self._rows[ref] = len(shard) if hasattr(shard, "__len__") else 1
+        return refs
+
+    def deadline(self, refs: list) -> float:
+        """Seconds a wait on ``refs`` may take: the role's base plus its per-row share."""
+        return self.deadline_s + self.deadline_per_row_s * max(
+            (self._rows.get(r, 0) for r in refs), default=0)
+
+    def failure(self, rank: int, cause: str, method: str) -> RoleFailure:
+        try:
+            node, pid = ray.get(self._where[rank], timeout=2)
+        except Exception:  # the replica died (or hangs) before it said where it runs
+            node, pid = "?", "?"
+        return RoleFailure(self.role, rank, node, pid, cause, method)
 
     def gather(self, method: str, refs: list) -> Any:
         """Wait for a group call started by :meth:`submit` and combine as its mode says."""
-        results = ray.get(refs)
+        results = wait_calls([(self, method, refs)])[0]
         if self.mode(method) == SCATTER:
             return [item for part in results for item in part]
         return results
+
+    def forget(self, refs: list) -> None:
+        for ref in refs:
+            self._rows.pop(ref, None)
 
     def run(self, method: str, *args, **kwargs) -> Any:
         return self.gather(method, self.submit(method, *args, **kwargs))
@@ -124,3 +177,43 @@ class ActorGroup:
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         self.actors = []
+
+
+def wait_calls(calls: list[tuple[ActorGroup, str, list]], keep_errors: bool = False) -> list[list]:
+    """Wait for several group calls together, each (group, method, refs in rank order); their
+    results. Raises :class:`RoleFailure` for the first replica seen dead, or the first call not
+    done within its group's deadline (a hung replica). A method's own exception propagates at
+    once (its peers in a collective would wait for it), or with ``keep_errors`` takes its
+    result's place."""
+    start, owner, results = time.monotonic(), {}, [[None] * len(refs) for _, _, refs in calls]
+    for c, (group, _, refs) in enumerate(calls):
+        for rank, ref in enumerate(refs):
+            owner[ref] = (c, rank)
+    ends = [start + group.deadline(refs) for group, _, refs in calls]
+    pending = list(owner)
+    try:
+        while pending:
+            now = time.monotonic()
+            late = [ref for ref in pending if ends[owner[ref][0]] <= now]
+            if late:
+                c, rank = owner[late[0]]
+                group, method, refs = calls[c]
+                raise group.failure(rank, f"no answer within {ends[c] - start:.0f}s (hung, or "
+                                          f"slower than {group.role}.deadline_s allows)", method)
+            wait = min(ends[owner[ref][0]] for ref in pending) - now
+            ready, pending = ray.wait(pending, num_returns=1, timeout=wait, fetch_local=False)
+            for ref in ready:
+                c, rank = owner[ref]
+                group, method, _ = calls[c]
+                try:
+                    results[c][rank] = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    raise group.failure(rank, death_cause(exc), method) from None
+                except ray.exceptions.RayTaskError as exc:
+                    if not keep_errors:
+                        raise
+                    results[c][rank] = exc
+    finally:
+        for group, _, refs in calls:
+            group.forget(refs)
+    return results

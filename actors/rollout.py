@@ -98,8 +98,30 @@ class EngineBase(Measured):
     """What every kind of rollout engine shares: its settings, the prompt-length rules, the
     order of results, and its place in the trainer<->engines weight-sync group."""
 
+    broken: str | None = None  # why the engine serves nothing more (a failed weight update)
+
     def __init__(self, rank: int, world_size: int, settings: RolloutSettings):
         self.rank, self.world_size, self.settings = rank, world_size, settings
+
+    def _check_usable(self) -> None:
+        """Refuse to sample or score with weights that a failed update left half loaded."""
+        if self.broken:
+            from actors.weight_sync import WeightSyncError
+            raise WeightSyncError(f"rollout engine {self.rank}: {self.broken}; it serves no more "
+                                  f"calls: replace it (a re-run starts a fresh one)")
+
+    def _mark_broken(self, why: str, exc: Exception) -> None:
+        from actors.weight_sync import WeightSyncError
+        self.broken = why
+        if isinstance(exc, WeightSyncError):
+            raise exc
+        raise WeightSyncError(f"rollout engine {self.rank}: {why} ({type(exc).__name__}: "
+                              f"{exc})") from exc
+
+    @dispatch(ALL)
+    def check_update(self, info: dict) -> None:
+        """Refuse, before any byte moves, an update this engine could not take whole (the
+        engines that count what arrives afterwards have nothing to check here)."""
 
     def _check_lengths(self, lengths: list[int], what: str, room: int) -> None:
         limit = self.settings.max_model_len
@@ -111,6 +133,7 @@ class EngineBase(Measured):
 
     def _fit_prompts(self, prompts: list[list[int]]) -> tuple[list[list[int]], set[int]]:
         """Apply ``long_prompt`` to prompts that leave no room for a response token."""
+        self._check_usable()
         mode, room = self.settings.long_prompt, self.settings.max_model_len - 1
         if mode == "error":
             self._check_lengths([len(p) for p in prompts], "prompt", room=1)
@@ -125,6 +148,7 @@ class EngineBase(Measured):
 
     def _check_sequences(self, sequences: list[Sequence]) -> None:
         """What :meth:`logprobs` needs: sequences that fit, each with a prompt."""
+        self._check_usable()
         self._check_lengths([len(p) + len(r) for p, r in sequences], "sequence", room=0)
         for i, (p, _) in enumerate(sequences):
             if not p:
@@ -270,24 +294,57 @@ class RolloutEngine(EngineBase):
         self.llm.collective_rpc("init_weight_transfer_engine", args=(payload,))
 
     @dispatch(ALL)
+    def check_update(self, info: dict) -> None:
+        """Before a sync over vLLM's NCCL engine (which reports nothing back), refuse an update
+        that would not cover this engine's checkpoint: with a layer loaded in part, vLLM's
+        layerwise reload rebuilds it on memory never written. The gloo path counts what
+        arrived instead (``rayalign_sync_report``)."""
+        if self.settings.weight_backend != "nccl":
+            return
+        import json
+        from pathlib import Path
+
+        from actors.weight_sync import WeightSyncError, checkpoint_names
+        cfg = json.loads((Path(self.settings.model_path) / "config.json").read_text())
+        tied = bool(cfg.get("tie_word_embeddings", cfg.get("text_config", {}).get(
+            "tie_word_embeddings", False)))
+        expected = checkpoint_names(self.settings.model_path, tied)
+        if expected is None:
+            return
+        missing = sorted(expected - set(info["names"]))
+        unknown = sorted(set(info["names"]) - expected)
+        if missing or unknown:
+            raise WeightSyncError(
+                f"rollout engine {self.rank}: the update would leave {len(missing)} parameter(s) "
+                f"of its checkpoint out: {_short(missing)}; {len(unknown)} it does not know: "
+                f"{_short(unknown)} (nothing was sent)")
+
+    @dispatch(ALL)
     def update_weights(self, info: dict) -> dict:
         """Receive one full set of weights (while the trainer sends it) and check it is whole.
 
         Raises :class:`WeightSyncError` naming the parameters that did not arrive, or that the
-        engine's checkpoint does not have; the engine keeps working either way.
+        engine's checkpoint does not have (the engine keeps working: what was not sent keeps
+        its old weights, and a full sync repairs it); or, when the transfer itself fails, with
+        its cause, and the engine is then marked broken and refuses further calls (its
+        weights are neither old nor new).
         """
         t0 = time.perf_counter()
         if self.settings.weight_backend == "nccl":  # vLLM's engine reads names, dtypes, shapes
             from actors.weight_sync_nccl import update_payload
             info = update_payload(info)
+        self._check_usable()
         self.llm.collective_rpc("start_weight_update")
         try:
             self.llm.collective_rpc("update_weights", args=(info,))
-        finally:
-            self.llm.collective_rpc("finish_weight_update")
-            self.llm.reset_prefix_cache()
+        except Exception as exc:
+            # no finish: vLLM would rebuild the half-loaded layers on memory never written
+            # (and raise its own error, hiding this one); the engine is done for
+            self._mark_broken("weight update failed part way, layers left half loaded", exc)
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
         reports = self.llm.collective_rpc("rayalign_sync_report")
-        for worker, rep in enumerate(reports):
+        for worker, rep in enumerate(reports):  # whole layers left out keep their old weights
             self._check_report(rep, worker)
         seconds = time.perf_counter() - t0
         log.info("rollout engine %d: %d tensors received in %.2fs", self.rank,

@@ -170,13 +170,17 @@ class HFRolloutEngine(EngineBase):
         """Receive one full set of weights (while the trainer sends it) into the model's own
         parameters; raises :class:`WeightSyncError` naming any that did not arrive."""
         from actors.weight_sync import SyncTally, UpdateInfo, receive_buckets
+        self._check_usable()
         tally = SyncTally(set(self.params))
-        with torch.no_grad():
-            for batch in receive_buckets(self.group, UpdateInfo(**info), tally):
-                for name, tensor in batch:
-                    self.params[name].copy_(tensor)
+        try:
+            with torch.no_grad():
+                for batch in receive_buckets(self.group, UpdateInfo(**info), tally):
+                    for name, tensor in batch:
+                        self.params[name].copy_(tensor)
+        except Exception as exc:  # a bucket may have stopped half copied: sample with neither
+            self._mark_broken("weight update failed part way, parameters half copied", exc)
         report = tally.report()
-        self._check_report(report)
+        self._check_report(report)  # parameters not sent keep their old values
         log.info("rollout engine %d: %d tensors received in %.2fs", self.rank,
                  report["received"], report["seconds"])
         return {"rank": self.rank, "received": report["received"], "checked": True,

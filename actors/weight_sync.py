@@ -366,7 +366,8 @@ class WeightSender:
                 stats = send_weights(params, UpdateInfo(**info), group)
             else:
                 from actors import weight_sync_nccl
-                stats = weight_sync_nccl.send(params, info, group, self.weight_bucket_bytes)
+                own = describe(self.weights_module()).payload() if group is not None else None
+                stats = weight_sync_nccl.send(params, info, group, self.weight_bucket_bytes, own)
                 stats["bytes"] = UpdateInfo(**info).total_bytes
         if self.rank == 0:
             log.info("sent %d tensors (%.1f MB) in %d buckets in %.2fs", stats["tensors"],

@@ -51,17 +51,54 @@ def open_sender(master_address: str, master_port: int, world_size: int):
                              world_size=world_size), rank=0)
 
 
-def send(params: Iterable[tuple[str, torch.Tensor]], info: dict, group, bucket_bytes: int) -> dict:
-    """Broadcast the parameters in the order of ``info`` (rank 0: ``group`` is its
-    communicator); other ranks pass ``group=None`` and only walk the parameters."""
+def check_plan(own: dict, info: dict) -> None:
+    """Refuse an update plan that the trainer cannot send whole, before the first byte goes
+    out (the engines would otherwise wait on a broadcast that stops part way): every entry
+    names one of the trainer's parameters (``own``: the ``describe`` payload of its whole
+    model), with the same dtype and shape, once, in the trainer's order."""
+    from actors.weight_sync import WeightSyncError
+    names, dtypes, shapes = info["names"], info["dtype_names"], info["shapes"]
+    if not len(names) == len(dtypes) == len(shapes):
+        raise WeightSyncError(f"weight send: the update lists {len(names)} names, {len(dtypes)} "
+                              f"dtypes and {len(shapes)} shapes; they must match one to one")
+    position = {n: i for i, n in enumerate(own["names"])}
+    last = -1
+    for i, (name, dtype, shape) in enumerate(zip(names, dtypes, shapes)):
+        if name not in position:
+            raise WeightSyncError(f"weight send: update entry {i}, {name!r}, is not a parameter "
+                                  f"of the trainer's model")
+        j = position[name]
+        if (own["dtype_names"][j], list(own["shapes"][j])) != (dtype, list(shape)):
+            raise WeightSyncError(f"weight send: {name} is {own['dtype_names'][j]} "
+                                  f"{list(own['shapes'][j])} in the trainer, the update says "
+                                  f"{dtype} {list(shape)}")
+        if j <= last:
+            raise WeightSyncError(f"weight send: {name} (update entry {i}) is repeated or out of "
+                                  f"the trainer's parameter order")
+        last = j
+
+
+def send(params: Iterable[tuple[str, torch.Tensor]], info: dict, group, bucket_bytes: int,
+         own: dict | None = None) -> dict:
+    """Broadcast the parameters of ``info`` in its order (rank 0: ``group`` is its
+    communicator); other ranks pass ``group=None`` and only walk the parameters. With ``own``
+    (the trainer's whole parameter list, ``describe(module).payload()``) the plan is checked
+    before anything is sent; parameters the plan leaves out (``exclude``) are passed over."""
     t0 = time.perf_counter()
     names = info["names"]
+    if own is not None:
+        check_plan(own, info)
+    wanted = set(names)
 
     def checked():
-        for i, (name, tensor) in enumerate(params):
+        i = 0
+        for name, tensor in params:
+            if name not in wanted:
+                continue
             if i >= len(names) or name != names[i]:
                 raise RuntimeError(f"weight send: parameter {i} is {name}, the metadata says "
                                    f"{names[i] if i < len(names) else 'nothing more'}")
+            i += 1
             yield name, tensor.detach().to("cuda", non_blocking=True).contiguous()
 
     if group is None:

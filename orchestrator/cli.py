@@ -67,17 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from orchestrator.session import RunStopped
     try:
         return _run(args)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # data and placement errors are meant for the user, one line each
+    except RunStopped as stop:  # asked to stop, and stopped cleanly: a success
+        log.warning("%s", stop)
+        return 0
+    except Exception as exc:  # data, placement and role errors are for the user, one line each
+        from actors.group import RoleFailure
         from orchestrator.data import DataError
         from orchestrator.placement import PlacementError
+        from orchestrator.session import RunFailed
         if isinstance(exc, (DataError, PlacementError)):
             print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
             return 3
+        if isinstance(exc, (RunFailed, RoleFailure)):
+            print(f"run failed: {exc}", file=sys.stderr)
+            return 4
         raise
 
 

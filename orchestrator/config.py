@@ -93,6 +93,9 @@ class RoleConfig:
     actors: int = param(1, "data-parallel replicas of this role", ge=1)
     cpus: float = param(1.0, "CPUs reserved per replica (also its torch thread count)", gt=0)
     gpus: float = param(0.0, "GPUs reserved per replica", ge=0)
+    deadline_s: Optional[float] = param(None, "longest wait for one call to this role before it "
+                                              "counts as hung (plus fault.deadline_per_row_s a "
+                                              "row); none: fault.deadline_s", gt=0)
 
 
 @dataclass
@@ -292,6 +295,18 @@ class ClusterConfig:
 
 
 @dataclass
+class FaultConfig:
+    deadline_s: float = param(900.0, "longest wait for one call to any role (model loading, a "
+                                     "step, a save) before the replica counts as hung; a role's "
+                                     "own deadline_s wins", gt=0)
+    deadline_per_row_s: float = param(1.0, "seconds added to a call's deadline for each row "
+                                           "(sample, pair, sequence) it carries", ge=0)
+    preempt_file: Optional[str] = param(None, "a path whose appearance asks the run to stop as "
+                                              "on SIGTERM (finish the step, checkpoint, exit 0): "
+                                              "for schedulers that announce preemption by file")
+
+
+@dataclass
 class LogConfig:
     progress_bar: bool = param(True, "console progress bar")
     tensorboard: bool = param(True, "write TensorBoard event files into the run dir")
@@ -327,6 +342,7 @@ class RunConfig:
     eval: EvalConfig = param(help="held-out evaluation", factory=EvalConfig)
     checkpoint: CheckpointConfig = param(help="checkpoints", factory=CheckpointConfig)
     cluster: ClusterConfig = param(help="Ray cluster", factory=ClusterConfig)
+    fault: FaultConfig = param(help="failure detection and stopping", factory=FaultConfig)
     log: LogConfig = param(help="logging", factory=LogConfig)
 
     # ---- construction -------------------------------------------------------------------
@@ -436,6 +452,12 @@ class RunConfig:
                               f"{self.policy.gpus:g}; weights go from trainer to engines over NCCL "
                               f"when both hold GPUs and over gloo when neither does: give both "
                               f"GPUs or neither")
+        if self.rollout.gpus > 0 and self.rollout.gpus % 1:
+            raise ConfigError(f"rollout.gpus: {self.rollout.gpus:g}; on GPU the engines join the "
+                              f"trainer in one NCCL group, which refuses two members on one "
+                              f"device (a fraction lets Ray pack engines onto a shared GPU): "
+                              f"give each engine whole GPUs (rollout.gpus = "
+                              f"rollout.tensor_parallel_size)")
         need = {"model": "model_path", "function": "function", "http": "url"}[self.reward.kind]
         if not getattr(self.reward, need):
             raise ConfigError(f"reward.{need}: required when reward.kind is {self.reward.kind!r}")

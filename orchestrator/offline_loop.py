@@ -58,23 +58,26 @@ def _train(cfg, session: RunSession, task, roles) -> TrainResult:
     sampler = ResumableSampler(len(task.train), cfg.train.seed)
     step = session.restore([policy], sampler)
     session.begin(lambda s: task.evaluate(policy, s))
-    while step < cfg.train.max_steps:
-        t_step = time.perf_counter()
-        with timer.phase("data"):
-            idx = sampler.next_batch(cfg.train.batch_size)
-            batch = task.batch(idx, roles, timer)
-        with timer.phase("train"):
-            row = combine_replicas(policy.run("train_step", batch.split(len(policy))), task.count,
-                                   same=("grad_norm", "lr"),
-                                   totals=("tokens", task.rate, "train_seconds"))
-            # the step inside the replicas (their mean); timing/train less this is the round trip
-            row["timing/in_actor"] = row.pop("train_seconds") / len(policy)
-        step += 1
-        elapsed = time.perf_counter() - t_step
-        task.finish_row(row)
-        row["batch/rows"] = [task.train[i].row for i in idx]  # which file rows this step used
-        row.update(timer.pop(), **{"timing/step": elapsed,
-                                   f"{task.rate}_per_s": row[task.rate] / elapsed,
-                                   "tokens_per_s": row["tokens"] / elapsed})
-        session.end_step(step, row, sampler.state_dict(), task.postfix(row))
-    return session.finish(sampler.state_dict(), [r.summary() for r in task.reports])
+    with session.steps():
+        while step < cfg.train.max_steps:
+            t_step = time.perf_counter()
+            with timer.phase("data"):
+                idx = sampler.next_batch(cfg.train.batch_size)
+                batch = task.batch(idx, roles, timer)
+            with timer.phase("train"):
+                session.update_started()
+                row = combine_replicas(policy.run("train_step", batch.split(len(policy))),
+                                       task.count, same=("grad_norm", "lr"),
+                                       totals=("tokens", task.rate, "train_seconds"))
+                # the step inside the replicas (their mean); timing/train less this is the
+                # round trip
+                row["timing/in_actor"] = row.pop("train_seconds") / len(policy)
+            step += 1
+            elapsed = time.perf_counter() - t_step
+            task.finish_row(row)
+            row["batch/rows"] = [task.train[i].row for i in idx]  # which file rows it used
+            row.update(timer.pop(), **{"timing/step": elapsed,
+                                       f"{task.rate}_per_s": row[task.rate] / elapsed,
+                                       "tokens_per_s": row["tokens"] / elapsed})
+            session.end_step(step, row, sampler.state_dict(), task.postfix(row))
+        return session.finish(sampler.state_dict(), [r.summary() for r in task.reports])

@@ -226,41 +226,45 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
     # and critic after this step's update. `ahead` holds the launched rollouts, oldest first.
     ahead: deque[Rollout] = deque()
     session.begin(evaluate)
-    for step in range(start + 1, cfg.train.max_steps + 1):
-        t_step = time.perf_counter()
-        with timer.phase("generate"):
-            ro = ahead.popleft() if ahead else launch(step)
-            if ro.scoring is None:
-                start_scoring(ro)
-            if rl.async_rollout and not ahead and step < cfg.train.max_steps:
-                ahead.append(launch(step + 1))  # first step (or first after resume) only
-        with timer.phase("score"):
-            rewards, ref_lp, old_lp, value_rows = scores(ro)
-        with timer.phase("other"):
-            update = (PairUpdate(cfg, roles, ro, rewards, ref_lp) if cfg.algorithm == "online_dpo"
-                      else EstimatorUpdate(cfg, roles, ro, rewards, ref_lp, old_lp, value_rows))
-        nxt = ahead[0] if ahead and ahead[0].scoring is None else None  # async: next batch
-        with timer.phase("train"):  # policy (and critic) update
-            refs = update.submit()
-            if nxt is not None and refs and _first_done(nxt.generating, refs) == 0:
-                start_scoring(nxt)  # async: the next batch is in first; score it meanwhile
-            row = update.gather(refs)
-        if nxt is not None and nxt.scoring is None:
-            with timer.phase("generate"):  # async: the next batch's sampling outlasted the update
-                start_scoring(nxt)
-        with timer.phase("sync"):
-            if step % cfg.weight_sync.every == 0:
-                sync_weights(roles.policy, roles.rollout, bucket_bytes)
-        if rl.async_rollout and step + 2 <= cfg.train.max_steps:
-            ahead.append(launch(step + 2))  # sampled with the weights just synced
-        row["batch/rows"] = [p.row for p in ro.prompts]  # which prompt rows this step used
-        row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                    "response/length": mean(len(s.response_ids) for s in ro.samples)})
-        row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
-        # async: later steps' prompts are drawn already; a checkpoint keeps the sampler as it
-        # was before the oldest of those draws, so a resume draws them again
-        session.end_step(step, row, ahead[0].sampler_state if ahead else sampler.state_dict(),
-                         {"reward": f"{row['reward/mean']:.3f}", "kl": f"{row['kl']:.4f}"})
-    if cfg.train.max_steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
-        sync_weights(roles.policy, roles.rollout, bucket_bytes)
-    return session.finish(sampler.state_dict(), data_notes)
+    with session.steps():
+        for step in range(start + 1, cfg.train.max_steps + 1):
+            t_step = time.perf_counter()
+            with timer.phase("generate"):
+                ro = ahead.popleft() if ahead else launch(step)
+                if ro.scoring is None:
+                    start_scoring(ro)
+                if rl.async_rollout and not ahead and step < cfg.train.max_steps:
+                    ahead.append(launch(step + 1))  # first step (or first after resume) only
+            with timer.phase("score"):
+                rewards, ref_lp, old_lp, value_rows = scores(ro)
+            with timer.phase("other"):
+                update = (PairUpdate(cfg, roles, ro, rewards, ref_lp)
+                          if cfg.algorithm == "online_dpo" else
+                          EstimatorUpdate(cfg, roles, ro, rewards, ref_lp, old_lp, value_rows))
+            nxt = ahead[0] if ahead and ahead[0].scoring is None else None  # async: next batch
+            with timer.phase("train"):  # policy (and critic) update
+                session.update_started()
+                refs = update.submit()
+                if nxt is not None and refs and _first_done(nxt.generating, refs) == 0:
+                    start_scoring(nxt)  # async: the next batch is in first; score it meanwhile
+                row = update.gather(refs)
+            session.update_done(step, ahead[0].sampler_state if ahead else sampler.state_dict())
+            if nxt is not None and nxt.scoring is None:
+                with timer.phase("generate"):  # async: its sampling outlasted the update
+                    start_scoring(nxt)
+            with timer.phase("sync"):
+                if step % cfg.weight_sync.every == 0:
+                    sync_weights(roles.policy, roles.rollout, bucket_bytes)
+            if rl.async_rollout and step + 2 <= cfg.train.max_steps:
+                ahead.append(launch(step + 2))  # sampled with the weights just synced
+            row["batch/rows"] = [p.row for p in ro.prompts]  # which prompt rows this step used
+            row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                        "response/length": mean(len(s.response_ids) for s in ro.samples)})
+            row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
+            # async: later steps' prompts are drawn already; a checkpoint keeps the sampler as it
+            # was before the oldest of those draws, so a resume draws them again
+            session.end_step(step, row, ahead[0].sampler_state if ahead else sampler.state_dict(),
+                             {"reward": f"{row['reward/mean']:.3f}", "kl": f"{row['kl']:.4f}"})
+        if cfg.train.max_steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
+            sync_weights(roles.policy, roles.rollout, bucket_bytes)
+        return session.finish(sampler.state_dict(), data_notes)

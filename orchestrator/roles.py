@@ -13,6 +13,7 @@ from actors.policy_trainer import PolicyTrainer
 from actors.reference import Reference
 from actors.reward import RewardScorer, RewardSettings
 from actors.rollout import RolloutEngine, RolloutSettings
+from orchestrator.config import FaultConfig
 from orchestrator.placement import RoleRequest, check_capacity, place
 from orchestrator.weight_sync import backend_for, connect as connect_sync
 
@@ -40,13 +41,23 @@ def _request(name: str, role_cfg) -> RoleRequest:
 
 
 def _env(role_cfg) -> dict:
-    # DeepSpeed picks its accelerator from the machine; say CPU explicitly where no GPU is given
-    return {"DS_ACCELERATOR": "cpu"} if role_cfg.gpus == 0 else {}
+    """Environment of a role's actors. DeepSpeed picks its accelerator from the machine: say CPU
+    where no GPU is given; on GPU, the driver's NCCL_* settings (NCCL_SOCKET_IFNAME,
+    NCCL_IB_HCA, ...) reach the actors, whose NCCL groups need the same network choices."""
+    if role_cfg.gpus == 0:
+        return {"DS_ACCELERATOR": "cpu"}
+    return {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
 
 
-def _group(name: str, cls: type, role_cfg, pg, owns_pg: bool, init_args: tuple) -> ActorGroup:
+def _group(name: str, cls: type, role_cfg, pg, owns_pg: bool, init_args: tuple,
+           fault=None) -> ActorGroup:
+    """The role's replicas in ``pg``; waits on them end by the role's deadline (its own
+    ``deadline_s``, else ``fault.deadline_s``)."""
+    fault = fault or FaultConfig()
+    base = role_cfg.deadline_s if role_cfg.deadline_s is not None else fault.deadline_s
     group = ActorGroup(name, cls, pg, role_cfg.actors, role_cfg.cpus, role_cfg.gpus,
-                       init_args=init_args, env=_env(role_cfg))
+                       init_args=init_args, env=_env(role_cfg), deadline_s=base,
+                       deadline_per_row_s=fault.deadline_per_row_s)
     group.placement_group, group.owns_placement = pg, owns_pg
     return group
 
@@ -105,7 +116,8 @@ class Placement:
 
     def start(self, name: str, cls: type, init_args: tuple) -> ActorGroup:
         h = self.host[name]
-        return _group(name, cls, getattr(self.cfg, name), self.groups[h], h == name, init_args)
+        return _group(name, cls, getattr(self.cfg, name), self.groups[h], h == name, init_args,
+                      self.cfg.fault)
 
     def release(self) -> None:
         for pg in self.groups.values():

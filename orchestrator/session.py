@@ -7,17 +7,26 @@ A loop owns its steps and hands each finished one to :meth:`RunSession.end_step`
     session = RunSession(cfg, storage)
     step = session.restore(trainables, sampler)
     session.begin(evaluate)
-    while step < cfg.train.max_steps:
-        ...                                        # one step of the algorithm
-        step += 1
-        session.end_step(step, row, sampler.state_dict(), postfix)
-    return session.finish(sampler.state_dict(), data_notes)
+    with session.steps():                          # a role failure: checkpoint if it can, explain
+        while step < cfg.train.max_steps:
+            ...                                    # one step of the algorithm
+            session.update_started()               # just before the trainers' update
+            ...
+            step += 1
+            session.end_step(step, row, sampler.state_dict(), postfix)
+        return session.finish(sampler.state_dict(), data_notes)
+
+A stop request (SIGTERM, SIGINT, ``fault.preempt_file``) ends the run after the current step
+with a checkpoint and :class:`RunStopped`; a role failure ends it with :class:`RunFailed`.
 """
 from __future__ import annotations
 
 import gc
 import logging
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -56,6 +65,28 @@ class TrainResult:
         return "\n".join(lines)
 
 
+class RunStopped(Exception):
+    """The run was asked to stop (SIGTERM, SIGINT, a preemption file) and stopped cleanly after
+    a step, with a checkpoint of it: re-running the same command resumes there."""
+
+    def __init__(self, step: int, checkpoint: Path, why: str):
+        self.step, self.checkpoint, self.why = step, checkpoint, why
+        super().__init__(f"stopped on {why} after step {step}; checkpoint {checkpoint}; run the "
+                         f"same command again to resume from it")
+
+
+class RunFailed(RuntimeError):
+    """A role failed (died, or hung past its deadline); what was saved and where to resume."""
+
+    def __init__(self, failure: Exception, resume_from: Path | None, saved: bool):
+        self.failure, self.resume_from, self.saved = failure, resume_from, saved
+        where = ("checkpoint of the last completed step written: " if saved
+                 else "resume point: the newest checkpoint, ") if resume_from else ""
+        tail = (f"{where}{resume_from}; run the same command again to resume from it"
+                if resume_from else "no checkpoint yet; running the same command again starts over")
+        super().__init__(f"{failure}. {tail}")
+
+
 class RunSession:
     """The run dir, its checkpoints and metrics, and the schedule of evals and saves."""
 
@@ -67,6 +98,11 @@ class RunSession:
         self.ckpts.clear_partial()
         self.resume = resume_dir(cfg.checkpoint.resume, self.ckpts)
         self.step, self.last_ckpt = 0, None
+        self.sampler_state: dict | None = None  # the sampler as a checkpoint of self.step needs
+        self.updating = False     # a trainer update past self.step has begun (state not at step)
+        self.pending: tuple | None = None  # (step, sampler state) of an update not yet ended
+        self.stop_why: str | None = None
+        self._handlers: dict = {}
 
     def restore(self, trainables: list, sampler) -> int:
         """Load the resume checkpoint (if any) into the trainer groups and the sampler; the
@@ -74,6 +110,8 @@ class RunSession:
         self.trainables, self.before = trainables, None
         if self.resume is not None:
             self.step, self.before = restore_run(self.resume, trainables, sampler, self.ckpts)
+            self.last_ckpt = self.resume
+        self.sampler_state = sampler.state_dict()
         return self.step
 
     def begin(self, evaluate: Callable[[int], dict]) -> None:
@@ -93,12 +131,87 @@ class RunSession:
         # stall the driver for a few hundred ms in the middle of a step
         gc.collect()
         gc.freeze()
+        self._catch_signals()
+
+    # ---- stopping on request ---------------------------------------------------------------
+    def _catch_signals(self) -> None:
+        """SIGTERM (``ray job stop``, preemption, a scheduler's limit) and SIGINT ask for a
+        clean stop after the current step; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only (a run inside a task or a thread)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_why is not None:  # the second: stop now, as without the handler
+            self._restore_signals()
+            log.warning("%s again: stopping at once, without a checkpoint", name)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        self.stop_why = name
+        log.warning("%s: stopping after the current step (with a checkpoint); send it again to "
+                    "stop at once", name)
+
+    def _restore_signals(self) -> None:
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
+        self._handlers = {}
+
+    def _stop_requested(self) -> str | None:
+        preempt = self.cfg.fault.preempt_file
+        if self.stop_why is None and preempt and Path(preempt).exists():
+            self.stop_why = f"preemption notice {preempt}"
+        return self.stop_why
+
+    # ---- failures ----------------------------------------------------------------------------
+    def update_started(self) -> None:
+        """A trainer update past the last completed step has begun: until it is done, a failure
+        cannot checkpoint the trainers as they were at that step."""
+        self.updating = True
+
+    def update_done(self, step: int, sampler_state: dict) -> None:
+        """The trainers finished step ``step``'s update (before its weight sync and its
+        :meth:`end_step`): a failure from here on checkpoints that step."""
+        self.updating, self.pending = False, (step, sampler_state)
+
+    @contextmanager
+    def steps(self):
+        """Around a loop's steps: a role failure ends the run with a checkpoint of the last
+        completed step where the trainers still hold it (not after a trainer died, or while an
+        update was under way), else with the newest checkpoint on disk as the resume point;
+        :class:`RunFailed` says which, with the role at fault."""
+        from actors.group import RoleFailure
+        try:
+            yield
+        except RoleFailure as failure:
+            log.error("%s", failure)
+            trainer_roles = {g.role for g in self.trainables}
+            if self.pending is not None:  # the update of a step whose sync or eval failed
+                self.step, self.sampler_state = self.pending
+            saved = False
+            if failure.role not in trainer_roles and not self.updating and self.step > 0 \
+                    and not self._saved_at(self.step):
+                try:
+                    self.save(self.sampler_state)
+                    saved = True
+                except Exception as exc:  # noqa: BLE001  (the failure below is the news)
+                    log.error("checkpoint after the failure failed too: %s", exc)
+            resume = self.last_ckpt if saved else self.ckpts.latest()
+            raise RunFailed(failure, resume, saved) from None
+        finally:
+            self._restore_signals()  # whatever ended the steps, the handlers were this run's
+
+    def _saved_at(self, step: int) -> bool:
+        return self.last_ckpt is not None and self.last_ckpt.name.endswith(f"{step:07d}")
 
     def end_step(self, step: int, row: dict, sampler_state: dict, postfix: dict) -> None:
         """Evaluate (on schedule, not at the last step: :meth:`finish` does), log the step's
         row, advance the bar, checkpoint on schedule with ``sampler_state`` (the sampler as a
         resume must find it)."""
         cfg, self.step = self.cfg, step
+        self.sampler_state, self.updating, self.pending = sampler_state, False, None
         if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.max_steps:
             row.update(self.evaluate(step))
         self.metrics.log(step, row)
@@ -106,6 +219,15 @@ class RunSession:
         self.bar.set_postfix(postfix)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             self.save(sampler_state)
+        why = self._stop_requested()
+        if why is not None and step < cfg.train.max_steps:
+            if not self._saved_at(step):
+                self.save(sampler_state)
+            self.bar.close()
+            self.metrics.close()
+            self._restore_signals()
+            gc.unfreeze()
+            raise RunStopped(step, self.last_ckpt, why)
 
     def save(self, sampler_state: dict) -> Path:
         self.last_ckpt = save_run(self.ckpts, self.trainables, self.step, sampler_state,
@@ -117,6 +239,7 @@ class RunSession:
         """Evaluate the trained model, save the final checkpoint unless the last step's is
         it, and report."""
         self.bar.close()
+        self._restore_signals()
         gc.unfreeze()  # the next run in this process (a pipeline's next stage) freezes its own
         after = self.evaluate(self.step)
         self.metrics.log(self.step, {f"final/{k}": v for k, v in after.items()})

@@ -6,6 +6,7 @@ import time
 
 import ray
 
+from actors.group import ActorGroup, wait_calls
 from actors.weight_sync import DEFAULT_BUCKET_BYTES
 
 log = logging.getLogger(__name__)
@@ -45,14 +46,21 @@ def sync_weights(trainers, engines, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     e_actors = getattr(engines, "actors", engines)
     t0 = time.perf_counter()
     info = ray.get(t_actors[0].weight_update_info.remote(bucket_bytes, tuple(exclude)))
+    ray.get([e.check_update.remote(info) for e in e_actors])  # before a byte moves (NCCL)
     receive = [e.update_weights.remote(info) for e in e_actors]
     send = [t.send_weights.remote(info) for t in t_actors]
-    reports = []
-    for ref in receive:  # every engine's outcome, so that no failure goes unreported
-        try:
-            reports.append(ray.get(ref))
-        except Exception as e:  # noqa: BLE001  (re-raised below, after the other engines)
-            reports.append(e)
+    if isinstance(engines, ActorGroup) and isinstance(trainers, ActorGroup):
+        # both sides watched together, each to its role's deadline: a dead or hung member is
+        # named (RoleFailure) instead of the others waiting on it
+        reports, sent = wait_calls([(engines, "update_weights", receive),
+                                    (trainers, "send_weights", send)], keep_errors=True)
+    else:
+        reports, sent = [], None
+        for ref in receive:  # every engine's outcome, so that no failure goes unreported
+            try:
+                reports.append(ray.get(ref))
+            except Exception as e:  # noqa: BLE001  (re-raised below, after the other engines)
+                reports.append(e)
     failed = [r for r in reports if isinstance(r, Exception)]
     for extra in failed[1:]:
         log.error("weight sync: %s", getattr(extra, "cause", extra))  # without Ray's traceback
@@ -60,7 +68,9 @@ def sync_weights(trainers, engines, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         # the trainer has sent everything unless an engine broke off mid-stream; then its
         # broadcast ends with the group's timeout
         raise failed[0]
-    stats = ray.get(send)[0]
+    stats = ray.get(send)[0] if sent is None else sent[0]
+    if isinstance(stats, Exception):
+        raise stats
     stats["send_seconds"] = stats.pop("seconds")  # the trainer's own packing + sending
     stats["seconds"] = time.perf_counter() - t0  # the whole sync, as the driver saw it
     stats["engines"] = reports

@@ -69,7 +69,10 @@ class RayHead:
                if k not in ("RAY_ADDRESS", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE")}
         # the job's `python` must be this venv's; token auth explicit, not read from ~/.ray
         env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", RAY_AUTH_MODE="token",
-                   RAY_AUTH_TOKEN=token)
+                   RAY_AUTH_TOKEN=token,
+                   # how long `ray job stop` waits after its SIGTERM before a SIGKILL (Ray's
+                   # default, 3 s, may be shorter than a step and its checkpoint)
+                   RAY_JOB_STOP_WAIT_TIME_S="60")
         self.env = env
         self.log = self.temp_dir / "ray-start.log"
         # Ray resolves 127.0.0.1 to the machine's routable address for the GCS and node; the
@@ -250,3 +253,50 @@ def test_dpo_and_grpo_jobs_run_on_a_separate_head(ray_head, tmp_path):
         assert "joining the Ray cluster at" in ray_head.client().get_job_logs(clis[name][0])
     _check_run(tmp_path / "dpo", "loss")
     _check_run(tmp_path / "grpo", "reward/mean")
+
+
+def test_ray_job_stop_checkpoints_the_step_and_a_resubmit_continues(ray_head, tmp_path):
+    """`ray job stop` sends SIGTERM to the entrypoint: the run finishes its step, checkpoints
+    and exits 0 (the head gives it RAY_JOB_STOP_WAIT_TIME_S before a SIGKILL); Ray reports the
+    job STOPPED, since a stop was asked for. Submitted again, the job continues from that step,
+    and the two jobs together trained on exactly the prompt rows of an uninterrupted run."""
+    from ray.job_submission import JobStatus
+
+    from orchestrator.sampler import ResumableSampler
+    cfg = yaml.safe_load(_configs(tmp_path)["grpo"].read_text())
+    cfg["train"]["max_steps"] = 40
+    cfg["rl"]["async_rollout"] = False
+    cfg["rollout"]["backend"] = "hf"
+    cfg["checkpoint"]["resume"] = "auto"  # the second job continues the first
+    path = _write_config(tmp_path / "long.yaml", cfg)
+    ray_head.wait_ready()
+    train = ["python", "-m", "orchestrator", "train", str(path)]
+    job_id, cli = ray_head.submit("stopped", *train)
+    ray_head.submitted(job_id, cli)
+    metrics = tmp_path / "grpo" / "metrics.jsonl"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
+        assert time.monotonic() < deadline, ray_head.client().get_job_logs(job_id)[-4000:]
+        time.sleep(0.5)
+    client = ray_head.client()
+    client.stop_job(job_id)
+    while not client.get_job_status(job_id).is_terminal():
+        time.sleep(1)
+    logs = client.get_job_logs(job_id)
+    assert client.get_job_status(job_id) == JobStatus.STOPPED, logs[-4000:]
+    stopped = [line for line in logs.splitlines() if "stopped on SIGTERM after step" in line]
+    assert stopped, logs[-4000:]
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert 3 <= step < 40
+    ckpt = tmp_path / "grpo" / "checkpoints" / f"step-{step:07d}"
+    assert read_driver_state(ckpt)["step"] == step
+
+    job_id, cli = ray_head.submit("resumed", *train)
+    ray_head.submitted(job_id, cli)
+    ray_head.wait_for(job_id)
+    assert f"at step {step}" in ray_head.client().get_job_logs(job_id)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    trained = [r["batch/rows"] for r in sorted((r for r in rows if "batch/rows" in r),
+                                                key=lambda r: r["step"])]
+    sampler = ResumableSampler(200, 0)
+    assert trained == [[i + 1 for i in sampler.next_batch(4)] for _ in range(40)]

@@ -28,7 +28,8 @@ def synthetic_or_boom(prompt, response):
 
 @pytest.fixture(scope="module")
 def group():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    # 2 CPUs for this group, 1 for the HTTP scorer of the endpoint tests
+    ray.init(num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
     settings = RewardSettings("function", function=FUNCTION, cpus=1)
     pg = place(RoleRequest("reward", 2, settings.cpus, settings.gpus), timeout_s=30)
     group = ActorGroup("reward", RewardScorer, pg, 2, settings.cpus, settings.gpus,
@@ -61,3 +62,32 @@ def test_function_error_surfaces_from_the_actor(group):
     assert isinstance(err.value, RewardError)
     assert f"reward function {FUNCTION}: sample 7 (prompt 'prompt 7')" in str(err.value)
     assert "ValueError: no reward for boom" in str(err.value)
+
+
+# --- an HTTP endpoint behind the actors ------------------------------------------------------------
+@pytest.mark.parametrize("fail_first", [2, 100])
+def test_http_endpoint_that_flaps_loses_nothing_and_one_that_stays_down_is_named(group, serve,
+                                                                                  fail_first):
+    """The first ``fail_first`` requests answer 503, then the word count of each response."""
+    def flaky(n, body):
+        return ((503, {"error": "warming up"}) if n < fail_first
+                else (200, {"rewards": [len(r.split()) for r in body["responses"]]}))
+
+    with serve(flaky) as (url, calls):
+        settings = RewardSettings("http", url=url, retries=3, backoff_s=0.01, micro_batch=32,
+                                  cpus=1)
+        pg = place(RoleRequest("reward", 1, 1, 0), timeout_s=30)
+        scorers = ActorGroup("reward", RewardScorer, pg, 1, 1, 0, init_args=(settings,))
+        try:
+            samples = rows(6)
+            if fail_first <= settings.retries:  # back within the retry budget
+                assert scorers.run("score", samples) == [5.0] * 6
+                assert len(calls) == fail_first + 1
+            else:
+                with pytest.raises(RewardError) as err:
+                    scorers.run("score", samples)
+                assert f"reward endpoint {url}: no answer after 4 attempt(s)" in str(err.value)
+                assert len(calls) == 4
+        finally:
+            scorers.kill()
+            ray.util.remove_placement_group(pg)

@@ -1,13 +1,9 @@
 """actors.reward: the three reward kinds and their errors, without Ray."""
 from __future__ import annotations
 
-import json
 import math
 import socket
-import threading
 import time
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -157,37 +153,6 @@ def no_proxy(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-@contextmanager
-def serve(answer):
-    """A local endpoint; ``answer(n, body)`` returns (status, payload) for the n-th request (0-based)."""
-    calls = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            calls.append(body)
-            status, payload = answer(len(calls) - 1, body)
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.handle_error = lambda *_: None  # a client that timed out: its broken pipe is expected
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/score", calls
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def word_count(n, body):
     return 200, {"rewards": [len(r.split()) + e.get("bonus", 0)
                              for r, e in zip(body["responses"], body["extra"])]}
@@ -198,7 +163,7 @@ def http(url, **kw):
     return HttpReward(url, **kw)
 
 
-def test_http_rewards_in_order_over_several_requests():
+def test_http_rewards_in_order_over_several_requests(serve):
     with serve(word_count) as (url, calls):
         rows = [RewardSample(f"p{i}", "w " * i, {"bonus": 0.5} if i == 3 else {}) for i in range(5)]
         assert http(url, micro_batch=2).score(rows) == [0, 1, 2, 3.5, 4]
@@ -206,7 +171,7 @@ def test_http_rewards_in_order_over_several_requests():
     assert calls[1]["extra"] == [{}, {"bonus": 0.5}]
 
 
-def test_http_retries_a_failing_server():
+def test_http_retries_a_failing_server(serve):
     def flaky(n, body):
         return (503, {"error": "warming up"}) if n < 2 else word_count(n, body)
     with serve(flaky) as (url, calls):
@@ -214,7 +179,7 @@ def test_http_retries_a_failing_server():
     assert len(calls) == 3
 
 
-def test_http_server_that_stays_down():
+def test_http_server_that_stays_down(serve):
     with serve(lambda n, body: (500, {"error": "broken"})) as (url, calls):
         t0 = time.monotonic()
         with pytest.raises(RewardError) as err:
@@ -238,7 +203,7 @@ def test_http_closed_port():
     assert "ConnectionRefusedError" in str(err.value)
 
 
-def test_http_timeout_is_bounded():
+def test_http_timeout_is_bounded(serve):
     def slow(n, body):
         time.sleep(1.0)
         return word_count(n, body)
@@ -249,7 +214,7 @@ def test_http_timeout_is_bounded():
     assert time.monotonic() - t0 < 1.5
 
 
-def test_http_client_error_is_not_retried():
+def test_http_client_error_is_not_retried(serve):
     with serve(lambda n, body: (400, {"error": "bad field"})) as (url, calls), \
             pytest.raises(RewardError) as err:
         http(url).score(samples(("p", "a")))
@@ -262,7 +227,7 @@ def test_http_client_error_is_not_retried():
     ({"scores": [1.0, 2.0]}, "answer has no 'rewards' list"),
     ({"rewards": [1.0, None]}, "sample 1 (prompt 'q'): got None (NoneType), not a number"),
 ])
-def test_http_bad_answers(payload, expected):
+def test_http_bad_answers(payload, expected, serve):
     with serve(lambda n, body: (200, payload)) as (url, _), pytest.raises(RewardError) as err:
         http(url).score(samples(("p", "a"), ("q", "b")))
     assert f"reward endpoint {url}: " in str(err.value)

@@ -1,0 +1,208 @@
+"""Failures are loud, prompt and lossless; a stop request is clean. Each test runs `rayalign
+train` as its own process (with its own local Ray), waits for a few steps, then kills, freezes
+or signals a process of the run, and checks the exit code, the one-line message (role, rank,
+node, pid, cause), the checkpoint written and that a re-run resumes from it."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.sampler import ResumableSampler
+from orchestrator.storage import MARKER
+
+pytestmark = pytest.mark.e2e
+
+
+def grpo_config(assets, run_dir: Path, **sections) -> dict:
+    data = {
+        "algorithm": "grpo", "run_dir": str(run_dir),
+        "model": {"path": assets["model"]},
+        "data": {"train": assets["train"], "max_length": 128},
+        "policy": {"actors": 1, "cpus": 1, "zero_stage": 0},
+        "reference": {"actors": 1, "cpus": 0.5},
+        "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
+                   "function": "orchestrator.synthetic:reward"},
+        "rollout": {"actors": 1, "cpus": 1, "max_model_len": 256, "backend": "hf"},
+        "rl": {"prompts_per_step": 8, "group_size": 4, "max_new_tokens": 8},
+        "optim": {"lr": 1e-3},
+        "train": {"batch_size": 32, "micro_batch_size": 32, "max_steps": 8},
+        "checkpoint": {"every": 0, "keep": 2},
+        "cluster": {"num_cpus": 3},
+        "log": {"progress_bar": False, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    return data
+
+
+class Run:
+    """``rayalign train`` on a config dict, as a process of its own."""
+
+    def __init__(self, cfg: dict, tmp_path: Path, name: str = "cfg.yaml"):
+        self.cfg, self.path = cfg, tmp_path / name
+        self.path.write_text(yaml.safe_dump(cfg))
+        self.metrics = Path(cfg["run_dir"]) / "metrics.jsonl"
+
+    def start(self) -> "Run":
+        self.log = open(self.path.with_suffix(".log"), "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", str(self.path)],
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def steps(self) -> list[dict]:
+        if not self.metrics.is_file():
+            return []
+        rows = []
+        for line in self.metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line being written
+                pass
+        return [r for r in rows if r.get("step", 0) > 0 and "timing/step" in r]
+
+    def wait_for_step(self, step: int, timeout: float = 300) -> None:
+        end = time.monotonic() + timeout
+        while not any(r["step"] >= step for r in self.steps()):
+            assert self.proc.poll() is None, self.output()
+            assert time.monotonic() < end, f"no step {step} in {timeout}s\n{self.output()}"
+            time.sleep(0.2)
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.log.close()
+
+    def output(self) -> str:
+        return self.path.with_suffix(".log").read_text()
+
+    def rerun(self) -> tuple[int, str]:
+        proc = subprocess.run([sys.executable, "-m", "orchestrator", "train", str(self.path)],
+                              capture_output=True, text=True, timeout=600)
+        return proc.returncode, proc.stderr + proc.stdout
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def actor_pids(run: Run, name: str) -> list[int]:
+    """Pids of the run's Ray workers hosting actor class ``name`` (Ray titles them
+    ray::<Class>; the run's embedded Ray descends from its process)."""
+    out = subprocess.run(["pgrep", "-f", f"ray::{name}"], capture_output=True, text=True).stdout
+    mine = []
+    for pid in map(int, out.split()):
+        p = pid
+        while p > 1 and p != run.proc.pid:
+            p = _parent(p)
+        if p == run.proc.pid:
+            mine.append(pid)
+    return sorted(mine)
+
+
+def checkpoint(run_dir, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:07d}"
+
+
+def trained_rows(run: Run) -> list:
+    return [r["batch/rows"] for r in sorted(run.steps(), key=lambda r: r["step"])]
+
+
+def uninterrupted_rows(assets, cfg: dict) -> list:
+    """The prompt rows an uninterrupted run draws, step by step (every prompt kept, so row
+    i + 1 is prompt i)."""
+    n = sum(1 for _ in open(assets["train"]))
+    sampler = ResumableSampler(n, cfg.get("train", {}).get("seed", 0))
+    return [[i + 1 for i in sampler.next_batch(cfg["rl"]["prompts_per_step"])]
+            for _ in range(cfg["train"]["max_steps"])]
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(assets, tmp_path):
+    cfg = grpo_config(assets, tmp_path / "run")
+    run = Run(cfg, tmp_path).start()
+    run.wait_for_step(3)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=120) == 0, run.output()
+    out = run.output()
+    stopped = max(r["step"] for r in run.steps())
+    assert f"stopped on SIGTERM after step {stopped}" in out
+    assert (checkpoint(cfg["run_dir"], stopped) / MARKER).is_file()
+    assert stopped < cfg["train"]["max_steps"]
+    code, again = run.rerun()
+    assert code == 0, again[-3000:]
+    assert f"at step {stopped}" in again  # "resumed from ... at step N"
+    # the two processes together trained on exactly the rows an uninterrupted run would have
+    assert trained_rows(run) == uninterrupted_rows(assets, cfg)
+
+
+def test_killed_reward_actor_checkpoints_the_last_step_and_resumes(assets, tmp_path):
+    cfg = grpo_config(assets, tmp_path / "run")
+    run = Run(cfg, tmp_path).start()
+    run.wait_for_step(3)
+    [pid] = actor_pids(run, "RewardScorer")
+    os.kill(pid, signal.SIGKILL)
+    code = run.finish(timeout=120)
+    out = run.output()
+    assert code == 4, out[-3000:]
+    line = next(line for line in out.splitlines() if line.startswith("run failed:"))
+    assert "role reward rank 0 (node " in line and f"pid {pid}): process died" in line
+    done = max(r["step"] for r in run.steps())
+    assert f"checkpoint of the last completed step written: {checkpoint(cfg['run_dir'], done)}" \
+        in line
+    code, again = run.rerun()
+    assert code == 0, again[-3000:]
+    assert f"at step {done}" in again
+    assert trained_rows(run) == uninterrupted_rows(assets, cfg)
+
+
+def test_frozen_rollout_engine_is_named_by_its_deadline(assets, tmp_path):
+    # frozen mid-sync, the trainer's send waits out the sync group's timeout before it can save
+    cfg = grpo_config(assets, tmp_path / "run", rollout={"deadline_s": 10},
+                      fault={"deadline_per_row_s": 0}, weight_sync={"timeout_s": 15})
+    run = Run(cfg, tmp_path).start()
+    run.wait_for_step(3)
+    [pid] = actor_pids(run, "HFRolloutEngine")
+    os.kill(pid, signal.SIGSTOP)
+    t0 = time.monotonic()
+    code = run.finish(timeout=180)
+    out = run.output()
+    assert code == 4, out[-3000:]
+    assert time.monotonic() - t0 < 90  # the 10 s deadline, the checkpoint and the teardown
+    line = next(line for line in out.splitlines() if line.startswith("run failed:"))
+    assert "role rollout rank 0 (node " in line and f"pid {pid}): no answer within 10s" in line
+    done = max(r["step"] for r in run.steps())
+    assert str(checkpoint(cfg["run_dir"], done)) in line
+
+
+def test_killed_policy_rank_names_it_and_points_at_the_newest_checkpoint(make_config, tmp_path):
+    cfg = make_config("train.max_steps=40", "checkpoint.every=2", "log.progress_bar=false",
+                      "eval.reward_fn=null")
+    run = Run(cfg.to_dict(), tmp_path).start()
+    run.wait_for_step(5)
+    pids = actor_pids(run, "PolicyTrainer")
+    assert len(pids) == 2
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    code = run.finish(timeout=120)
+    assert time.monotonic() - t0 < 30  # seen at once, not at the other rank's gloo timeout
+    out = run.output()
+    assert code == 4, out[-3000:]
+    line = next(line for line in out.splitlines() if line.startswith("run failed:"))
+    assert "role policy rank " in line and f"pid {pids[1]}): process died" in line
+    newest = max(int(p.name.split("-")[1]) for p in (Path(cfg.run_dir) / "checkpoints").iterdir()
+                 if p.name.startswith("step-") and (p / MARKER).exists())
+    assert f"resume point: the newest checkpoint, {checkpoint(cfg.run_dir, newest)}" in line

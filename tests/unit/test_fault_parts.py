@@ -1,0 +1,135 @@
+"""The parts that make failures loud, checked without a cluster: the cause read off Ray's
+death message, the NCCL path's config and environment rules, the sender's plan check before
+the first byte, and an engine that refuses to serve after a failed weight update."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from actors.group import RoleFailure, death_cause
+from actors.rollout import RolloutEngine, RolloutSettings
+from actors.rollout_hf import HFRolloutEngine
+from actors.weight_sync import WeightSyncError, describe
+from actors.weight_sync_nccl import check_plan, send
+from orchestrator.config import RunConfig, RoleConfig
+from orchestrator.roles import _env
+from orchestrator.schema import ConfigError
+from orchestrator.tiny_model import build_model
+
+pytestmark = pytest.mark.unit
+GRPO = Path(__file__).resolve().parents[2] / "configs" / "grpo-tiny.yaml"
+
+KILLED = ("The actor died unexpectedly before finishing this task.\n\tclass_name: RewardScorer\n"
+          "\tpid: 4242\nThe actor is dead because its worker process has died. Worker exit type: "
+          "SYSTEM_ERROR Worker exit detail: Worker unexpectedly exits with a connection error "
+          "code 2. End of file. There are some potential root causes. (1) The process is killed "
+          "by SIGKILL by OOM killer due to high memory usage.")
+
+
+def test_death_cause_reads_the_exit_detail_not_ray_s_list_of_guesses():
+    assert death_cause(RuntimeError(KILLED)) == (
+        "process died (Worker unexpectedly exits with a connection error code 2. End of file)")
+    assert death_cause(RuntimeError("Task was killed due to the node running low on memory.")) \
+        == "killed for lack of memory (OOM)"
+    assert death_cause(RuntimeError("gone")) == "process died"
+    f = RoleFailure("reward", 0, "10.0.0.2", 4242, "process died", "score")
+    assert str(f) == "role reward rank 0 (node 10.0.0.2, pid 4242): process died, during score"
+
+
+def test_engines_on_gpu_take_whole_gpus():
+    base = ["rollout.gpus=0.5", "policy.gpus=1"]
+    with pytest.raises(ConfigError, match="rollout.gpus: 0.5; .*NCCL group.*whole GPUs"):
+        RunConfig.from_yaml(GRPO, base)
+    RunConfig.from_yaml(GRPO, ["rollout.gpus=1", "policy.gpus=1"])
+
+
+def test_nccl_settings_reach_gpu_actors_only(monkeypatch):
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "eth1")
+    monkeypatch.setenv("NCCL_IB_HCA", "mlx5_0")
+    assert _env(RoleConfig(gpus=1)) == {"NCCL_SOCKET_IFNAME": "eth1", "NCCL_IB_HCA": "mlx5_0"}
+    assert _env(RoleConfig(gpus=0)) == {"DS_ACCELERATOR": "cpu"}
+
+
+def model():
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+
+
+def test_the_plan_is_checked_before_the_first_byte():
+    net = model()
+    own = describe(net).payload()
+    check_plan(own, describe(net, exclude=("1.",)).payload())  # a partial sync is fine
+    bad_shape = dict(own, shapes=[[9, 9]] + own["shapes"][1:])
+    unknown = dict(own, names=["2.weight"] + own["names"][1:])
+    reordered = dict(own, names=own["names"][::-1], dtype_names=own["dtype_names"][::-1],
+                     shapes=own["shapes"][::-1])
+    short = dict(own, shapes=own["shapes"][:-1])
+    for plan, message in ((bad_shape, r"0.weight is float32 \[3, 4\] in the trainer, the update "
+                                      r"says float32 \[9, 9\]"),
+                          (unknown, "'2.weight', is not a parameter"),
+                          (reordered, "repeated or out of the trainer's parameter order"),
+                          (short, "4 names, 4 dtypes and 3 shapes")):
+        sent = []
+        group = SimpleNamespace(broadcast=lambda *a, **k: sent.append(a))
+        with pytest.raises(WeightSyncError, match=message):
+            send(iter(net.named_parameters()), plan, group, 1 << 20, own)
+        assert not sent  # nothing went out
+
+
+class StandInLLM:
+    """vLLM's LLM as far as update_weights uses it, with an update that breaks off."""
+
+    def __init__(self):
+        self.calls = []
+
+    def collective_rpc(self, method, args=()):
+        self.calls.append(method)
+        if method == "update_weights":
+            raise RuntimeError("connection reset by peer")
+        return [{}]
+
+    def reset_prefix_cache(self):
+        self.calls.append("reset_prefix_cache")
+
+
+def test_a_failed_update_is_not_finished_and_the_engine_refuses_to_serve():
+    engine = RolloutEngine.__new__(RolloutEngine)  # the engine's own methods, no vLLM start
+    engine.rank, engine.settings = 3, RolloutSettings("m", weight_backend="rayalign_gloo")
+    engine.llm = StandInLLM()
+    with pytest.raises(WeightSyncError, match="rollout engine 3: weight update failed part way.*"
+                                              "connection reset by peer"):
+        engine.update_weights({"names": []})
+    assert engine.llm.calls == ["start_weight_update", "update_weights"]  # no finish
+    with pytest.raises(WeightSyncError, match="serves no more calls"):
+        engine.generate([[1, 2]], {"max_new_tokens": 2})
+    with pytest.raises(WeightSyncError, match="serves no more calls"):
+        engine.update_weights({"names": []})
+
+
+def test_hf_engine_refuses_to_serve_after_a_broken_transfer(tmp_path):
+    path = build_model(tmp_path / "model", "tiny", seed=0)
+    engine = HFRolloutEngine(0, 1, RolloutSettings(str(path), max_model_len=64, backend="hf"))
+    assert engine.generate([[5, 6]], {"max_new_tokens": 2})  # serves
+    info = describe(torch.nn.Linear(2, 2)).payload()  # no group joined: the receive fails
+    with pytest.raises(WeightSyncError, match="weight update failed part way"):
+        engine.update_weights(info)
+    with pytest.raises(WeightSyncError, match="serves no more calls"):
+        engine.generate([[5, 6]], {"max_new_tokens": 2})
+
+
+def test_an_nccl_engine_refuses_an_update_that_leaves_part_of_its_checkpoint_out(tmp_path):
+    from transformers import AutoModelForCausalLM
+    path = build_model(tmp_path / "model", "tiny", seed=0)
+    net = AutoModelForCausalLM.from_pretrained(path)
+    engine = RolloutEngine.__new__(RolloutEngine)
+    engine.rank, engine.settings = 1, RolloutSettings(str(path), weight_backend="nccl")
+    engine.check_update(describe(net).payload())  # the whole model: fine
+    with pytest.raises(WeightSyncError, match=r"rollout engine 1: the update would leave 2 "
+                                              r"parameter\(s\) of its checkpoint out: "
+                                              r"model.layers.1.mlp.down_proj.weight"):
+        engine.check_update(describe(net, exclude=("model.layers.1.mlp.down",
+                                                   "model.layers.1.mlp.up")).payload())
+    engine.settings = RolloutSettings(str(path), weight_backend="rayalign_gloo")
+    engine.check_update(describe(net, exclude=("model.layers.1.",)).payload())  # counted later
