@@ -73,6 +73,12 @@ def death_cause(exc: Exception) -> str:
 class Measured:
     """Base of every role's actor class: what the driver reads about the process itself."""
 
+    def die(self) -> None:
+        """End this process as ``kill -9`` would (fault injection: ``fault.inject``)."""
+        import os
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def where(self) -> tuple[str, int]:
         """(node IP, pid) of this replica."""
         import os
@@ -165,7 +171,7 @@ class ActorGroup:
         if self.final_usage is not None:
             return self.final_usage
         try:
-            peak = max(ray.get([a.peak_rss_mib.remote() for a in self.actors], timeout=10))
+            peak = max(ray.get([a.peak_rss_mib.remote() for a in self.actors], timeout=3))
         except Exception:  # a dead or hung replica: its memory is not known
             peak = None
         return {"actors": len(self.actors), "cpus": self.cpus, "gpus": self.gpus,

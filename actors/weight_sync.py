@@ -352,7 +352,7 @@ class WeightSender:
         else:
             from actors import weight_sync_nccl
             self.weight_group = weight_sync_nccl.open_sender(master_address, master_port,
-                                                             world_size)
+                                                             world_size, timeout_s)
 
     def weight_update_info(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                            exclude: tuple[str, ...] = ()) -> dict:

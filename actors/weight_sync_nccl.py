@@ -41,14 +41,24 @@ def update_payload(info: dict) -> dict:
     return {k: info[k] for k in ("names", "dtype_names", "shapes")}
 
 
-def open_sender(master_address: str, master_port: int, world_size: int):
-    """Trainer rank 0's end of the trainer<->engines NCCL group (the engines join at once)."""
-    from vllm.distributed.weight_transfer.nccl_common import trainer_init
+def open_sender(master_address: str, master_port: int, world_size: int,
+                timeout_s: float = 300.0):
+    """Trainer rank 0's end of the trainer<->engines NCCL group (the engines join at once).
+
+    What vLLM's ``trainer_init`` does, but with the rendezvous store waiting
+    ``weight_sync.timeout_s`` (vLLM's own waits a fixed 300 s; the engines' side still does,
+    and the driver's deadlines bound both)."""
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.utils import StatelessProcessGroup
+    from vllm.distributed.weight_transfer.nccl_common import unpinned_nccl_env
     if not torch.cuda.is_available():
         raise RuntimeError("weight sync backend 'nccl' needs a GPU on the policy trainer; set "
                            "policy.gpus > 0 or run the engines on CPU (rollout.gpus: 0)")
-    return trainer_init(dict(master_address=master_address, master_port=master_port,
-                             world_size=world_size), rank=0)
+    pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0,
+                                      world_size=world_size,
+                                      store_timeout=max(1, int(timeout_s)))
+    with unpinned_nccl_env():
+        return PyNcclCommunicator(pg, device=torch.accelerator.current_device_index())
 
 
 def check_plan(own: dict, info: dict) -> None:

@@ -8,52 +8,61 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+FILES = ("metrics.jsonl", "ledger.jsonl", "tensorboard")
+
+
 class MetricsLog:
+    """metrics.jsonl (one line per step), ledger.jsonl (the dataset rows each step trained
+    on: step, rows, samples per row) and TensorBoard."""
+
     def __init__(self, run_dir: str | Path, tensorboard: bool, resume_step: int = 0,
                  storage=None):
-        """A fresh run (``resume_step`` 0) starts the file anew; a resumed one keeps its past.
-        With a remote ``storage`` (orchestrator/storage.py) the files are fetched on resume and
-        uploaded by :meth:`sync`."""
+        """A fresh run (``resume_step`` 0) starts the files anew; a resumed one keeps their
+        past up to its step, so that steps redone after a resume replace the abandoned ones.
+        With a remote ``storage`` (orchestrator/storage.py) the files are fetched on resume
+        and uploaded by :meth:`sync`."""
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.ledger = Path(run_dir) / "ledger.jsonl"
         self.storage = storage if storage is not None and storage.remote else None
         if self.storage and resume_step > 0:
-            for name in ("metrics.jsonl", "tensorboard"):
+            for name in FILES:
                 if self.storage.exists(name):
                     self.storage.download(name)
-        self._truncate_after(resume_step)
+        _truncate_after(self.path, resume_step)
+        _truncate_after(self.ledger, resume_step)
+        self.ledger_step = resume_step
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines past the resumed step (written by a run that died before its checkpoint)."""
-        if not self.path.exists():
-            return
-        kept = []
-        for line in self.path.read_text().splitlines() if step > 0 else []:
-            try:
-                if json.loads(line).get("step", 0) <= step:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line torn by a crash mid-write
-                continue
-        self.path.write_text("".join(line + "\n" for line in kept))
-
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, "time": time.time(), **metrics}
         with self.path.open("a") as fh:
             fh.write(json.dumps(row, allow_nan=True) + "\n")
+        if "batch/rows" in metrics:
+            self.log_rows(step, metrics["batch/rows"], metrics.get("batch/samples_per_row", 1))
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
+
+    def log_rows(self, step: int, rows: list, samples_per_row: int = 1) -> None:
+        """The ledger line of a step (once: a step whose update is done may log it before its
+        metrics row)."""
+        if step <= self.ledger_step:
+            return
+        self.ledger_step = step
+        with self.ledger.open("a") as fh:
+            fh.write(json.dumps({"step": step, "rows": rows, "samples_per_row": samples_per_row})
+                     + "\n")
 
     def sync(self) -> None:
         """Push what is written so far to the run's URI (nothing to do for a local run dir)."""
         if self.tb is not None:
             self.tb.flush()
         if self.storage:
-            for name in ("metrics.jsonl", "tensorboard"):
+            for name in FILES:
                 if (self.path.parent / name).exists():
                     self.storage.upload(name)
 
@@ -62,6 +71,20 @@ class MetricsLog:
             self.tb.close()
             self.tb = None
         self.sync()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Drop lines past the resumed step (written by a run that died before its checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines() if step > 0 else []:
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:  # a line torn by a crash mid-write
+            continue
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class PhaseTimer:

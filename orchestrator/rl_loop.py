@@ -8,32 +8,31 @@
 
 The algorithm only picks the update: an advantage estimator (orchestrator/advantages.py) and
 whether a critic takes part, or online DPO's pairs (orchestrator/online_pairs.py); everything
-else is this one loop. With ``rl.async_rollout`` the engines
-generate step k+1's batch while step k trains (one update behind), and its scoring starts as
-soon as it is in, before step k's weight sync.
+else is this one loop. Drawing, generating and scoring, and with ``rl.async_rollout`` the next
+step's batch generated while this one trains, belong to the rollout pipeline
+(orchestrator/rollouts.py), so the loop reads as its steps.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass
 from statistics import mean
 
-import ray
 import torch
 
-from actors.reward import RewardSample
+from actors.group import RoleFailure
 from actors.runtime import load_tokenizer
 from orchestrator.advantages import compute_advantages, token_rewards
 from orchestrator.batches import RolloutBatch, pad_tokens
 from orchestrator.data import load_prompts
-from orchestrator.evaluate import load_reward_fn, pad_to_multiple
+from orchestrator.evaluate import load_reward_fn
 from orchestrator.kl import kl_per_token
 from orchestrator.metrics import PhaseTimer, combine_replicas
 from orchestrator.online_pairs import PairUpdate
+from orchestrator.recovery import Injector, Recovery
 from orchestrator.rl_losses import explained_variance
 from orchestrator.roles import RLRoles
+from orchestrator.rollouts import Rollout, RolloutPipeline, Scores, reward_records
 from orchestrator.sampler import ResumableSampler
 from orchestrator.session import RunSession, TrainResult
 from orchestrator.storage import RunStorage
@@ -45,19 +44,6 @@ log = logging.getLogger(__name__)
 ESTIMATOR = {"ppo": "gae"}  # algorithms whose advantage estimator has another name
 
 
-@dataclass
-class Rollout:
-    """One step's batch on its way through generation and scoring."""
-    prompts: list                  # the drawn prompts (orchestrator.data prompt records)
-    sampler_state: dict            # the sampler before they were drawn
-    generating: list               # the rollout group's call refs
-    samples: list | None = None    # RolloutSample per response, once generated
-    scoring: dict | None = None    # call refs of reward, reference, old log-probs and values
-
-    def sequences(self) -> list[tuple[list[int], list[int]]]:
-        return [(s.prompt_ids, s.response_ids) for s in self.samples]
-
-
 def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None,
                 values: torch.Tensor | None):
     rl = cfg.rl
@@ -66,17 +52,6 @@ def _advantages(cfg, rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor
         ESTIMATOR.get(cfg.algorithm, cfg.algorithm), rewards=rewards, mask=mask,
         group_size=rl.group_size, token_rewards=token_rewards(rewards, mask, kl, penalty),
         values=values, gamma=rl.gamma, lam=rl.lam, whiten=rl.whiten, scale_by_std=rl.scale_by_std)
-
-
-def _first_done(*calls: list) -> int:
-    """Block until every ref of one of ``calls`` is ready; the index of that call."""
-    pending = [ref for call in calls for ref in call]
-    while True:
-        for i, call in enumerate(calls):
-            ready, _ = ray.wait(call, num_returns=len(call), timeout=0, fetch_local=False)
-            if len(ready) == len(call):
-                return i
-        ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
 
 
 def needs_old_logprobs(cfg) -> bool:
@@ -157,20 +132,14 @@ def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
 
 
 def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) -> TrainResult:
-    rl, bucket_bytes = cfg.rl, cfg.weight_sync.bucket_bytes
+    bucket_bytes = cfg.weight_sync.bucket_bytes
     sampler = ResumableSampler(len(prompts), cfg.train.seed)
     start = session.restore(roles.trainables, sampler)
     if session.resume is not None:
         sync_weights(roles.policy, roles.rollout, bucket_bytes)  # engines start from the model dir
     timer = PhaseTimer()
-    sampling = dict(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p, top_k=rl.top_k,
-                    max_new_tokens=rl.max_new_tokens)
-
-    def reward_records(batch_prompts, samples) -> list[RewardSample]:
-        per = len(samples) // len(batch_prompts)
-        texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-        return [RewardSample(batch_prompts[i // per].prompt_text, t, batch_prompts[i // per].extra,
-                             index=i) for i, t in enumerate(texts)]
+    pipe = RolloutPipeline(cfg, roles, prompts, sampler, tokenizer, needs_old_logprobs(cfg))
+    recovery, inject = Recovery(cfg, roles), Injector(cfg, roles)
 
     def evaluate(step: int) -> dict:
         """The reward role's mean reward of one sample per held-out prompt; with a gold reward
@@ -179,92 +148,85 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         if not held_out:
             return {}
         samples = roles.rollout.run("generate", [p.prompt_ids for p in held_out],
-                                    dict(sampling, n=1, seed=cfg.train.seed))
-        records = reward_records(held_out, samples)
+                                    dict(pipe.sampling, n=1, seed=cfg.train.seed))
+        records = reward_records(tokenizer, held_out, samples)
         out = {"eval/reward": mean(roles.reward.run("score", records)),
                "eval/response_tokens": mean(len(s.response_ids) for s in samples)}
         if gold is not None:
             out["eval/gold_reward"] = mean(float(gold(r.prompt, r.response)) for r in records)
         return out
 
-    needs_old = needs_old_logprobs(cfg)
+    def evaluate_or_recover(step: int) -> dict:
+        try:
+            return evaluate(step)
+        except RoleFailure as failure:  # replace the role (or stop), then evaluate once more
+            recovery.recover(failure, step)
+            return evaluate(step)
 
-    def launch(step: int) -> Rollout:
-        """Draw step's prompts and start generating (seeded per step, so a resumed run samples
-        the same)."""
-        state = sampler.state_dict()
-        batch_prompts = [prompts[i] for i in sampler.next_batch(rl.prompts_per_step)]
-        refs = roles.rollout.submit("generate", [p.prompt_ids for p in batch_prompts],
-                                    dict(sampling, seed=cfg.train.seed + 100_003 * step))
-        return Rollout(batch_prompts, state, refs)
+    def sample_and_update(step: int) -> tuple:
+        """Take the step's rollout, score it, and update the trainers on it."""
+        with timer.phase("generate"):
+            ro = pipe.take(step)
+        with timer.phase("score"):
+            scored = pipe.scores(ro)
+        with timer.phase("other"):
+            update = make_update(cfg, roles, ro, scored)
+        with timer.phase("train"):  # policy (and critic) update
+            session.update_started()
+            refs = update.submit()
+            pipe.during_update(refs)
+            row = update.gather(refs)
+        session.update_done(step, pipe.resume_state(), [p.row for p in ro.prompts],
+                            cfg.rl.group_size)
+        return ro, scored, row
 
-    def start_scoring(ro: Rollout) -> None:
-        """Wait for the samples, then start reward scoring, reference and pre-update policy
-        log-probs and critic values on them, all at once."""
-        ro.samples = roles.rollout.gather("generate", ro.generating)
-        seqs = ro.sequences()
-        ro.scoring = {
-            "reward": roles.reward.submit("score", reward_records(ro.prompts, ro.samples)),
-            "reference": roles.reference.submit("token_logprobs", seqs),
-            "old": (roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
-                    if needs_old else None),
-            "values": (roles.critic.submit("values", pad_to_multiple(seqs, len(roles.critic)))
-                       if roles.critic else None)}
+    def sync(step: int) -> None:
+        try:
+            sync_weights(roles.policy, roles.rollout, bucket_bytes)
+        except RoleFailure as failure:  # new engines receive the current weights as they join
+            recovery.recover(failure, step)
 
-    def scores(ro: Rollout) -> tuple:
-        """(rewards, reference, old and value rows) of a rollout whose scoring has started."""
-        n, calls = len(ro.samples), ro.scoring
-        rewards = torch.tensor(roles.reward.gather("score", calls["reward"]))
-        ref_lp = roles.reference.gather("token_logprobs", calls["reference"])
-        old_lp = roles.policy.gather("token_logprobs", calls["old"])[:n] if needs_old else None
-        value_rows = roles.critic.gather("values", calls["values"])[:n] if roles.critic else None
-        return rewards, ref_lp, old_lp, value_rows
-
-    # With async rollouts the next batch is generated while this one trains (with the weights
-    # of one update earlier), and its scoring starts as soon as it is in. Calls to one actor run
-    # in the order they were made, so its pre-update log-probs and values come from the policy
-    # and critic after this step's update. `ahead` holds the launched rollouts, oldest first.
-    ahead: deque[Rollout] = deque()
-    session.begin(evaluate)
+    session.begin(evaluate_or_recover)
     with session.steps():
         for step in range(start + 1, cfg.train.max_steps + 1):
+            inject.before(step)
             t_step = time.perf_counter()
+            while True:
+                try:
+                    ro, scored, row = sample_and_update(step)
+                    break
+                except RoleFailure as failure:  # before the update: take the step again
+                    recovery.recover(failure, step)
+                    pipe.restart(session.sampler_state)
             with timer.phase("generate"):
-                ro = ahead.popleft() if ahead else launch(step)
-                if ro.scoring is None:
-                    start_scoring(ro)
-                if rl.async_rollout and not ahead and step < cfg.train.max_steps:
-                    ahead.append(launch(step + 1))  # first step (or first after resume) only
-            with timer.phase("score"):
-                rewards, ref_lp, old_lp, value_rows = scores(ro)
-            with timer.phase("other"):
-                update = (PairUpdate(cfg, roles, ro, rewards, ref_lp)
-                          if cfg.algorithm == "online_dpo" else
-                          EstimatorUpdate(cfg, roles, ro, rewards, ref_lp, old_lp, value_rows))
-            nxt = ahead[0] if ahead and ahead[0].scoring is None else None  # async: next batch
-            with timer.phase("train"):  # policy (and critic) update
-                session.update_started()
-                refs = update.submit()
-                if nxt is not None and refs and _first_done(nxt.generating, refs) == 0:
-                    start_scoring(nxt)  # async: the next batch is in first; score it meanwhile
-                row = update.gather(refs)
-            session.update_done(step, ahead[0].sampler_state if ahead else sampler.state_dict())
-            if nxt is not None and nxt.scoring is None:
-                with timer.phase("generate"):  # async: its sampling outlasted the update
-                    start_scoring(nxt)
+                pipe.after_update()
+            if pipe.failure is not None:  # met on the next step's batch, which was dropped
+                recovery.recover(pipe.failure, step)
+                pipe.failure = None
             with timer.phase("sync"):
                 if step % cfg.weight_sync.every == 0:
-                    sync_weights(roles.policy, roles.rollout, bucket_bytes)
-            if rl.async_rollout and step + 2 <= cfg.train.max_steps:
-                ahead.append(launch(step + 2))  # sampled with the weights just synced
-            row["batch/rows"] = [p.row for p in ro.prompts]  # which prompt rows this step used
-            row.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-                        "response/length": mean(len(s.response_ids) for s in ro.samples)})
-            row.update(timer.pop(), **{"timing/step": time.perf_counter() - t_step})
-            # async: later steps' prompts are drawn already; a checkpoint keeps the sampler as it
-            # was before the oldest of those draws, so a resume draws them again
-            session.end_step(step, row, ahead[0].sampler_state if ahead else sampler.state_dict(),
+                    sync(step)
+            pipe.after_sync(step)
+            row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size), **recovery.pop(),
+                       **timer.pop(),
+                       **{"timing/step": time.perf_counter() - t_step})
+            session.end_step(step, row, pipe.resume_state(),
                              {"reward": f"{row['reward/mean']:.3f}", "kl": f"{row['kl']:.4f}"})
         if cfg.train.max_steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
-            sync_weights(roles.policy, roles.rollout, bucket_bytes)
+            sync(cfg.train.max_steps)
         return session.finish(sampler.state_dict(), data_notes)
+
+
+def make_update(cfg, roles, ro: Rollout, scored: Scores):
+    """The algorithm's update of a scored rollout: online DPO's pairs, or an estimator's."""
+    if cfg.algorithm == "online_dpo":
+        return PairUpdate(cfg, roles, ro, scored.rewards, scored.reference)
+    return EstimatorUpdate(cfg, roles, ro, scored.rewards, scored.reference, scored.old,
+                           scored.values)
+
+
+def step_metrics(ro: Rollout, rewards: torch.Tensor, group_size: int) -> dict:
+    return {"batch/rows": [p.row for p in ro.prompts],  # which prompt rows the step used
+            "batch/samples_per_row": group_size,
+            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+            "response/length": mean(len(s.response_ids) for s in ro.samples)}

@@ -236,7 +236,7 @@ class RLRoles:
     between the policy and the engines."""
 
     def __init__(self, cfg):
-        self.groups: list[ActorGroup] = []
+        self.cfg, self.groups, self.retired = cfg, [], []  # retired: replaced groups
         self.placement = placement = Placement(cfg, cfg.roles())
         try:
             self.rollout = self._keep(_engines_started(placement.start(
@@ -261,6 +261,30 @@ class RLRoles:
         """The groups whose state a checkpoint holds."""
         return [self.policy] + ([self.critic] if self.critic is not None else [])
 
+    def replace(self, name: str) -> ActorGroup:
+        """Kill role ``name``'s replicas (a dead or hung one among them) and start new ones in
+        the same placement bundles; new engines join a new weight-sync group with the trainer
+        and receive its current weights. Rollout, reward and reference only."""
+        cfg, old = self.cfg, getattr(self, name)
+        old.kill()
+        self.groups.remove(old)
+        self.retired.append(old)
+        if name == "rollout":
+            new = _engines_started(self.placement.start(
+                "rollout", engine_class(cfg.rollout), (rollout_settings(cfg.model, cfg.rollout),)))
+        else:
+            cls, args = {"reference": (Reference, (cfg,)),
+                         "reward": (RewardScorer, (reward_settings(cfg),))}[name]
+            new = self.placement.start(name, cls, args)
+            ray.get([a.ready.remote() for a in new.actors])
+        setattr(self, name, self._keep(new))
+        if name == "rollout":
+            connect_sync(self.policy, new, cfg.weight_sync.timeout_s,
+                         backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
+            from orchestrator.weight_sync import sync_weights
+            sync_weights(self.policy, new, cfg.weight_sync.bucket_bytes)
+        return new
+
     def _keep(self, group: ActorGroup) -> ActorGroup:
         self.groups.append(group)
         return group
@@ -271,5 +295,6 @@ class RLRoles:
         self.placement.release()
 
     def usage(self) -> dict:
-        """Per role: resources held, for how long, peak memory (ActorGroup.usage)."""
-        return role_usage(self.groups)
+        """Per role: resources held, for how long, peak memory (ActorGroup.usage); a replaced
+        group's seconds count too."""
+        return merge_usage([{g.role: g.usage()} for g in self.groups + self.retired])

@@ -171,10 +171,14 @@ class RunSession:
         cannot checkpoint the trainers as they were at that step."""
         self.updating = True
 
-    def update_done(self, step: int, sampler_state: dict) -> None:
-        """The trainers finished step ``step``'s update (before its weight sync and its
-        :meth:`end_step`): a failure from here on checkpoints that step."""
+    def update_done(self, step: int, sampler_state: dict, rows: list | None = None,
+                    samples_per_row: int = 1) -> None:
+        """The trainers finished step ``step``'s update on dataset ``rows`` (before its weight
+        sync and its :meth:`end_step`): the ledger records the rows now, and a failure from
+        here on checkpoints that step."""
         self.updating, self.pending = False, (step, sampler_state)
+        if rows is not None:
+            self.metrics.log_rows(step, rows, samples_per_row)
 
     @contextmanager
     def steps(self):

@@ -44,12 +44,19 @@ def sync_weights(trainers, engines, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     prefixes); raises :class:`WeightSyncError` if an engine lacks one afterwards."""
     t_actors = getattr(trainers, "actors", trainers)
     e_actors = getattr(engines, "actors", engines)
+    groups = isinstance(engines, ActorGroup) and isinstance(trainers, ActorGroup)
+
+    def wait(group, method: str, refs: list) -> list:
+        """Results in order; under the role's deadline when the side is an ActorGroup."""
+        return wait_calls([(group, method, refs)])[0] if groups else ray.get(refs)
+
     t0 = time.perf_counter()
-    info = ray.get(t_actors[0].weight_update_info.remote(bucket_bytes, tuple(exclude)))
-    ray.get([e.check_update.remote(info) for e in e_actors])  # before a byte moves (NCCL)
+    info = wait(trainers, "weight_update_info",
+                [t_actors[0].weight_update_info.remote(bucket_bytes, tuple(exclude))])[0]
+    wait(engines, "check_update", [e.check_update.remote(info) for e in e_actors])  # NCCL
     receive = [e.update_weights.remote(info) for e in e_actors]
     send = [t.send_weights.remote(info) for t in t_actors]
-    if isinstance(engines, ActorGroup) and isinstance(trainers, ActorGroup):
+    if groups:
         # both sides watched together, each to its role's deadline: a dead or hung member is
         # named (RoleFailure) instead of the others waiting on it
         reports, sent = wait_calls([(engines, "update_weights", receive),

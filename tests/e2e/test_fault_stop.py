@@ -150,7 +150,8 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(assets, tmp_path):
 
 
 def test_killed_reward_actor_checkpoints_the_last_step_and_resumes(assets, tmp_path):
-    cfg = grpo_config(assets, tmp_path / "run")
+    # without replacements in place (fault.max_restarts 0) a failure ends the run
+    cfg = grpo_config(assets, tmp_path / "run", fault={"max_restarts": 0})
     run = Run(cfg, tmp_path).start()
     run.wait_for_step(3)
     [pid] = actor_pids(run, "RewardScorer")
@@ -169,23 +170,40 @@ def test_killed_reward_actor_checkpoints_the_last_step_and_resumes(assets, tmp_p
     assert trained_rows(run) == uninterrupted_rows(assets, cfg)
 
 
-def test_frozen_rollout_engine_is_named_by_its_deadline(assets, tmp_path):
-    # frozen mid-sync, the trainer's send waits out the sync group's timeout before it can save
+@pytest.mark.parametrize("restarts", [0, 1])
+def test_frozen_rollout_engine_is_named_by_its_deadline(assets, tmp_path, restarts):
+    """Without replacements the run stops with a checkpoint; with one, a new engine takes over
+    and the run completes."""
+    # frozen mid-sync, the trainer's send waits out the sync group's timeout before it goes on
     cfg = grpo_config(assets, tmp_path / "run", rollout={"deadline_s": 10},
-                      fault={"deadline_per_row_s": 0}, weight_sync={"timeout_s": 15})
+                      fault={"deadline_per_row_s": 0, "max_restarts": restarts},
+                      weight_sync={"timeout_s": 15})
     run = Run(cfg, tmp_path).start()
     run.wait_for_step(3)
     [pid] = actor_pids(run, "HFRolloutEngine")
     os.kill(pid, signal.SIGSTOP)
     t0 = time.monotonic()
-    code = run.finish(timeout=180)
+    code = run.finish(timeout=240)
     out = run.output()
+    named = "role rollout rank 0 (node "
+    if restarts:
+        assert code == 0, out[-3000:]
+        assert named in out and f"pid {pid}): no answer within 10s" in out
+        assert "replacing role rollout in place (1 of 1)" in out
+        assert max(r["step"] for r in run.steps()) == cfg["train"]["max_steps"]
+        assert trained_rows(run) == uninterrupted_rows(assets, cfg)
+        return
     assert code == 4, out[-3000:]
     assert time.monotonic() - t0 < 90  # the 10 s deadline, the checkpoint and the teardown
     line = next(line for line in out.splitlines() if line.startswith("run failed:"))
-    assert "role rollout rank 0 (node " in line and f"pid {pid}): no answer within 10s" in line
+    assert named in line and f"pid {pid}): no answer within 10s" in line
+    # the last step whose update is done: the last logged one, or the next when the engine
+    # froze in its weight sync (the ledger has it already)
     done = max(r["step"] for r in run.steps())
-    assert str(checkpoint(cfg["run_dir"], done)) in line
+    saved = int(line.split("checkpoints/step-")[1][:7])
+    assert saved in (done, done + 1) and (checkpoint(cfg["run_dir"], saved) / MARKER).is_file()
+    ledger = (Path(cfg["run_dir"]) / "ledger.jsonl").read_text().splitlines()
+    assert [json.loads(e)["step"] for e in ledger] == list(range(1, saved + 1))
 
 
 def test_killed_policy_rank_names_it_and_points_at_the_newest_checkpoint(make_config, tmp_path):

@@ -133,3 +133,33 @@ def test_an_nccl_engine_refuses_an_update_that_leaves_part_of_its_checkpoint_out
                                                    "model.layers.1.mlp.up")).payload())
     engine.settings = RolloutSettings(str(path), weight_backend="rayalign_gloo")
     engine.check_update(describe(net, exclude=("model.layers.1.",)).payload())  # counted later
+
+
+def test_fault_inject_names_roles_and_steps():
+    cfg = RunConfig.from_yaml(GRPO, ["fault.inject=reward@3, rollout@5"])
+    assert cfg.fault.injections() == [("reward", 3), ("rollout", 5)]
+    with pytest.raises(ConfigError, match="fault.inject: 'critic' is not a role of algorithm"):
+        RunConfig.from_yaml(GRPO, ["fault.inject=critic@2"])
+    with pytest.raises(ConfigError, match="fault.inject: 'reward@x' must look like role@step"):
+        RunConfig.from_yaml(GRPO, ["fault.inject=reward@x"])
+
+
+def test_recovery_replaces_up_to_the_budget_and_never_a_trainer():
+    from orchestrator.recovery import Recovery
+    replaced = []
+    roles = SimpleNamespace(replace=replaced.append)
+    cfg = RunConfig.from_yaml(GRPO, ["fault.max_restarts=1"])
+    recovery = Recovery(cfg, roles)
+    dead = RoleFailure("reward", 0, "n", 7, "process died", "score")
+    recovery.recover(dead, step=4)
+    assert replaced == ["reward"]
+    made = recovery.pop()
+    assert made["recovery"][0] | {"seconds": 0} == {"role": "reward", "rank": 0, "step": 4,
+                                                    "cause": "process died", "seconds": 0}
+    assert recovery.pop() == {}
+    with pytest.raises(RoleFailure, match=r"1 replacement\(s\) \(fault.max_restarts\) are spent"):
+        recovery.recover(dead, step=5)
+    trainer = RoleFailure("policy", 1, "n", 8, "process died", "rl_step")
+    with pytest.raises(RoleFailure) as err:
+        recovery.recover(trainer, step=5)
+    assert err.value is trainer and replaced == ["reward"]

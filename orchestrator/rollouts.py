@@ -1,0 +1,175 @@
+"""The online loop's rollout pipeline: drawing prompts, generating, scoring, and the work in
+flight between steps.
+
+At depth 0 (on-policy) a step's batch is drawn and generated when the step starts, with the
+weights of the last sync. At depth 1 (``rl.async_rollout``) the engines generate the next
+step's batch while this step trains, with the weights of one update earlier, and its scoring
+starts as soon as it is in. Calls to one actor run in the order they were made, so that
+batch's pre-update log-probs and values still come from the policy and critic after this
+step's update.
+
+Each step's generation is seeded by its step number, so a step sampled again (after a resume)
+samples the same.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import ray
+import torch
+
+from actors.reward import RewardSample
+from orchestrator.evaluate import pad_to_multiple
+
+STEP_SEED = 100_003  # a step's sampling seed is train.seed + STEP_SEED x step
+
+
+@dataclass
+class Rollout:
+    """One step's batch on its way through generation and scoring."""
+    prompts: list                  # the drawn prompts (orchestrator.data prompt records)
+    sampler_state: dict            # the sampler before they were drawn
+    generating: list               # the rollout group's call refs
+    samples: list | None = None    # RolloutSample per response, once generated
+    scoring: dict | None = None    # call refs of reward, reference, old log-probs and values
+
+    def sequences(self) -> list[tuple[list[int], list[int]]]:
+        return [(s.prompt_ids, s.response_ids) for s in self.samples]
+
+
+class Scores(NamedTuple):
+    rewards: torch.Tensor              # [samples]
+    reference: list[list[float]]       # per-token log-probs of each response
+    old: list[list[float]] | None      # the policy's before the update (when computed)
+    values: list[list[float]] | None   # the critic's (PPO)
+
+
+def first_done(*calls: list) -> int:
+    """Block until every ref of one of ``calls`` is ready; the index of that call."""
+    pending = [ref for call in calls for ref in call]
+    while True:
+        for i, call in enumerate(calls):
+            ready, _ = ray.wait(call, num_returns=len(call), timeout=0, fetch_local=False)
+            if len(ready) == len(call):
+                return i
+        ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+
+
+def reward_records(tokenizer, prompts, samples) -> list[RewardSample]:
+    """What the reward role scores: each sample's text with its prompt's text and fields."""
+    per = len(samples) // len(prompts)
+    texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+    return [RewardSample(prompts[i // per].prompt_text, t, prompts[i // per].extra, index=i)
+            for i, t in enumerate(texts)]
+
+
+class RolloutPipeline:
+    """Launch, scoring and in-flight rollouts of the online loop (see the module docstring).
+
+    A step calls, in order: :meth:`take` (its rollout, scoring started), :meth:`scores`,
+    :meth:`during_update` with the update's call refs, :meth:`after_update`, and after the
+    weight sync :meth:`after_sync`; :meth:`resume_state` is the sampler a checkpoint keeps.
+    """
+
+    def __init__(self, cfg, roles, prompts, sampler, tokenizer, needs_old: bool):
+        self.cfg, self.roles, self.prompts = cfg, roles, prompts
+        self.sampler, self.tokenizer, self.needs_old = sampler, tokenizer, needs_old
+        self.depth = 1 if cfg.rl.async_rollout else 0
+        rl = cfg.rl
+        self.sampling = dict(n=rl.group_size, temperature=rl.temperature, top_p=rl.top_p,
+                             top_k=rl.top_k, max_new_tokens=rl.max_new_tokens)
+        self.ahead: deque[Rollout] = deque()  # launched, not yet trained on; oldest first
+        self.failure = None  # a RoleFailure met on a later step's batch, for the loop
+
+    # ---- the steps ----------------------------------------------------------------------
+    def take(self, step: int) -> Rollout:
+        """Step ``step``'s rollout with its scoring started; at depth 1 the next step's
+        generation is under way when this returns."""
+        ro = self.ahead.popleft() if self.ahead else self.launch(step)
+        if ro.scoring is None:
+            self.start_scoring(ro)
+        if self.depth and not self.ahead and step < self.cfg.train.max_steps:
+            self.ahead.append(self.launch(step + 1))  # first step (or first after resume)
+        return ro
+
+    def scores(self, ro: Rollout) -> Scores:
+        """Wait for a rollout's scoring: rewards, reference, old log-probs and values."""
+        roles, n, calls = self.roles, len(ro.samples), ro.scoring
+        rewards = torch.tensor(roles.reward.gather("score", calls["reward"]))
+        reference = roles.reference.gather("token_logprobs", calls["reference"])
+        old = (roles.policy.gather("token_logprobs", calls["old"])[:n] if self.needs_old
+               else None)
+        values = roles.critic.gather("values", calls["values"])[:n] if roles.critic else None
+        return Scores(rewards, reference, old, values)
+
+    def during_update(self, update_refs: list) -> None:
+        """Depth 1: wait for whichever ends first, the update or the next batch's generation,
+        and if it is the batch, start its scoring (then the caller waits for the update)."""
+        nxt = self._unscored()
+        if nxt is not None and update_refs and first_done(nxt.generating, update_refs) == 0:
+            self._score_ahead(nxt)
+
+    def after_update(self) -> None:
+        """Depth 1: the next batch's sampling outlasted the update; wait for it and start its
+        scoring."""
+        nxt = self._unscored()
+        if nxt is not None:
+            self._score_ahead(nxt)
+
+    def _score_ahead(self, ro: Rollout) -> None:
+        """Start scoring a batch of a later step. A role that fails on it does not stop this
+        step (its update is under way): the failure waits in ``failure`` for the loop, and
+        the batch is dropped, to be drawn and generated again."""
+        from actors.group import RoleFailure
+        try:
+            self.start_scoring(ro)
+        except RoleFailure as failure:
+            self.failure = failure
+            self.restart(self.ahead[0].sampler_state)
+
+    def restart(self, sampler_state: dict) -> None:
+        """Drop every batch launched ahead and put the sampler back at ``sampler_state`` (the
+        position before the oldest step still to train)."""
+        self.ahead.clear()
+        self.sampler.load_state_dict(sampler_state)
+
+    def after_sync(self, step: int) -> None:
+        """Depth 1: launch the batch two steps on, sampled with the weights just synced."""
+        if self.depth and step + 2 <= self.cfg.train.max_steps:
+            self.ahead.append(self.launch(step + 2))
+
+    def resume_state(self) -> dict:
+        """The sampler as a checkpoint after this step keeps it: before the oldest draw not
+        yet trained on (at depth 1 a later step's prompts are drawn already; a resume draws
+        them again)."""
+        return self.ahead[0].sampler_state if self.ahead else self.sampler.state_dict()
+
+    # ---- parts ---------------------------------------------------------------------------
+    def launch(self, step: int) -> Rollout:
+        """Draw the step's prompts and start generating (seeded by the step)."""
+        state = self.sampler.state_dict()
+        batch = [self.prompts[i] for i in self.sampler.next_batch(self.cfg.rl.prompts_per_step)]
+        refs = self.roles.rollout.submit(
+            "generate", [p.prompt_ids for p in batch],
+            dict(self.sampling, seed=self.cfg.train.seed + STEP_SEED * step))
+        return Rollout(batch, state, refs)
+
+    def start_scoring(self, ro: Rollout) -> None:
+        """Wait for the samples, then start reward scoring, reference and pre-update policy
+        log-probs and critic values on them, all at once."""
+        roles = self.roles
+        ro.samples = roles.rollout.gather("generate", ro.generating)
+        seqs = ro.sequences()
+        ro.scoring = {
+            "reward": roles.reward.submit("score", reward_records(self.tokenizer, ro.prompts,
+                                                                  ro.samples)),
+            "reference": roles.reference.submit("token_logprobs", seqs),
+            "old": (roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
+                    if self.needs_old else None),
+            "values": (roles.critic.submit("values", pad_to_multiple(seqs, len(roles.critic)))
+                       if roles.critic else None)}
+
+    def _unscored(self) -> Rollout | None:
+        return self.ahead[0] if self.ahead and self.ahead[0].scoring is None else None
