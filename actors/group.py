@@ -113,7 +113,8 @@ class ActorGroup:
                 name=None, runtime_env={"env_vars": dict(env or {})} if env else None,
             ).remote(rank, num_actors, *init_args)
             self.actors.append(actor)
-        self._where = [a.where.remote() for a in self.actors]  # read when one fails
+        # read when one fails (a class without Measured, e.g. a test's stand-in, says nothing)
+        self._where = [a.where.remote() for a in self.actors] if hasattr(cls, "where") else []
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -146,7 +147,7 @@ class ActorGroup:
     def failure(self, rank: int, cause: str, method: str) -> RoleFailure:
         try:
             node, pid = ray.get(self._where[rank], timeout=2)
-        except Exception:  # the replica died (or hangs) before it said where it runs
+        except Exception:  # none asked, or the replica died (or hangs) before it answered
             node, pid = "?", "?"
         return RoleFailure(self.role, rank, node, pid, cause, method)
 
