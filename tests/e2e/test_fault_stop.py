@@ -224,3 +224,23 @@ def test_killed_policy_rank_names_it_and_points_at_the_newest_checkpoint(make_co
     newest = max(int(p.name.split("-")[1]) for p in (Path(cfg.run_dir) / "checkpoints").iterdir()
                  if p.name.startswith("step-") and (p / MARKER).exists())
     assert f"resume point: the newest checkpoint, {checkpoint(cfg.run_dir, newest)}" in line
+
+
+def test_async_run_killed_and_resumed_trains_every_row_once(assets, tmp_path):
+    """The driver of an async run (a batch always generated ahead) killed with its Ray: the
+    re-run resumes from the newest checkpoint, draws the batch that was in flight again, and
+    the ledger holds each step's rows once, as an uninterrupted run draws them."""
+    cfg = grpo_config(assets, tmp_path / "run", rl={"async_rollout": True},
+                      checkpoint={"every": 2})
+    run = Run(cfg, tmp_path).start()
+    run.wait_for_step(5)
+    os.killpg(run.proc.pid, signal.SIGKILL)
+    run.finish(timeout=60)
+    code, again = run.rerun()
+    assert code == 0, again[-3000:]
+    assert "at step 4" in again or "at step 6" in again  # the newest complete checkpoint
+    ledger = [json.loads(line) for line in
+              (Path(cfg["run_dir"]) / "ledger.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in ledger] == list(range(1, cfg["train"]["max_steps"] + 1))
+    assert [e["rows"] for e in ledger] == uninterrupted_rows(assets, cfg)
+    assert all(e["samples_per_row"] == cfg["rl"]["group_size"] for e in ledger)
