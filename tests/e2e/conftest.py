@@ -44,3 +44,30 @@ def make_config(assets, tmp_path):
         data["data"].update(train=assets["train"], eval=assets["eval"])
         return RunConfig.from_dict(data, list(overrides))
     return make
+
+
+@pytest.fixture
+def grpo_config(assets):
+    """``grpo_config(run_dir, section={...}, ...)``: a small GRPO run on the synthetic task as a
+    config dict (transformers rollout, function reward, 3 CPUs), the named sections updated."""
+    def make(run_dir, **sections) -> dict:
+        data = {
+            "algorithm": "grpo", "run_dir": str(run_dir),
+            "model": {"path": assets["model"]},
+            "data": {"train": assets["train"], "max_length": 128},
+            "policy": {"actors": 1, "cpus": 1, "zero_stage": 0},
+            "reference": {"actors": 1, "cpus": 0.5},
+            "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
+                       "function": "orchestrator.synthetic:reward"},
+            "rollout": {"actors": 1, "cpus": 1, "max_model_len": 256, "backend": "hf"},
+            "rl": {"prompts_per_step": 8, "group_size": 4, "max_new_tokens": 8},
+            "optim": {"lr": 1e-3},
+            "train": {"batch_size": 32, "micro_batch_size": 32, "max_steps": 8},
+            "checkpoint": {"every": 0, "keep": 2},
+            "cluster": {"num_cpus": 3},
+            "log": {"progress_bar": False, "tensorboard": False},
+        }
+        for key, value in sections.items():
+            data[key] = {**data.get(key, {}), **value}
+        return data
+    return make

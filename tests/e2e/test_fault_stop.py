@@ -21,28 +21,6 @@ from orchestrator.storage import MARKER
 pytestmark = pytest.mark.e2e
 
 
-def grpo_config(assets, run_dir: Path, **sections) -> dict:
-    data = {
-        "algorithm": "grpo", "run_dir": str(run_dir),
-        "model": {"path": assets["model"]},
-        "data": {"train": assets["train"], "max_length": 128},
-        "policy": {"actors": 1, "cpus": 1, "zero_stage": 0},
-        "reference": {"actors": 1, "cpus": 0.5},
-        "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
-                   "function": "orchestrator.synthetic:reward"},
-        "rollout": {"actors": 1, "cpus": 1, "max_model_len": 256, "backend": "hf"},
-        "rl": {"prompts_per_step": 8, "group_size": 4, "max_new_tokens": 8},
-        "optim": {"lr": 1e-3},
-        "train": {"batch_size": 32, "micro_batch_size": 32, "max_steps": 8},
-        "checkpoint": {"every": 0, "keep": 2},
-        "cluster": {"num_cpus": 3},
-        "log": {"progress_bar": False, "tensorboard": False},
-    }
-    for key, value in sections.items():
-        data[key] = {**data.get(key, {}), **value}
-    return data
-
-
 class Run:
     """``rayalign train`` on a config dict, as a process of its own."""
 
@@ -53,9 +31,9 @@ class Run:
 
     def start(self) -> "Run":
         self.log = open(self.path.with_suffix(".log"), "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", str(self.path)],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "train", str(self.path)], stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def steps(self) -> list[dict]:
@@ -131,8 +109,8 @@ def uninterrupted_rows(assets, cfg: dict) -> list:
             for _ in range(cfg["train"]["max_steps"])]
 
 
-def test_sigterm_stops_after_the_step_with_a_checkpoint(assets, tmp_path):
-    cfg = grpo_config(assets, tmp_path / "run")
+def test_sigterm_stops_after_the_step_with_a_checkpoint(assets, tmp_path, grpo_config):
+    cfg = grpo_config(tmp_path / "run")
     run = Run(cfg, tmp_path).start()
     run.wait_for_step(3)
     run.proc.send_signal(signal.SIGTERM)
@@ -149,9 +127,10 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(assets, tmp_path):
     assert trained_rows(run) == uninterrupted_rows(assets, cfg)
 
 
-def test_killed_reward_actor_checkpoints_the_last_step_and_resumes(assets, tmp_path):
+def test_killed_reward_actor_checkpoints_the_last_step_and_resumes(assets, tmp_path,
+                                                                  grpo_config):
     # without replacements in place (fault.max_restarts 0) a failure ends the run
-    cfg = grpo_config(assets, tmp_path / "run", fault={"max_restarts": 0})
+    cfg = grpo_config(tmp_path / "run", fault={"max_restarts": 0})
     run = Run(cfg, tmp_path).start()
     run.wait_for_step(3)
     [pid] = actor_pids(run, "RewardScorer")
@@ -171,11 +150,12 @@ def test_killed_reward_actor_checkpoints_the_last_step_and_resumes(assets, tmp_p
 
 
 @pytest.mark.parametrize("restarts", [0, 1])
-def test_frozen_rollout_engine_is_named_by_its_deadline(assets, tmp_path, restarts):
+def test_frozen_rollout_engine_is_named_by_its_deadline(assets, tmp_path, restarts,
+                                                        grpo_config):
     """Without replacements the run stops with a checkpoint; with one, a new engine takes over
     and the run completes."""
     # frozen mid-sync, the trainer's send waits out the sync group's timeout before it goes on
-    cfg = grpo_config(assets, tmp_path / "run", rollout={"deadline_s": 10},
+    cfg = grpo_config(tmp_path / "run", rollout={"deadline_s": 10},
                       fault={"deadline_per_row_s": 0, "max_restarts": restarts},
                       weight_sync={"timeout_s": 15})
     run = Run(cfg, tmp_path).start()
@@ -226,11 +206,11 @@ def test_killed_policy_rank_names_it_and_points_at_the_newest_checkpoint(make_co
     assert f"resume point: the newest checkpoint, {checkpoint(cfg.run_dir, newest)}" in line
 
 
-def test_async_run_killed_and_resumed_trains_every_row_once(assets, tmp_path):
+def test_async_run_killed_and_resumed_trains_every_row_once(assets, tmp_path, grpo_config):
     """The driver of an async run (a batch always generated ahead) killed with its Ray: the
     re-run resumes from the newest checkpoint, draws the batch that was in flight again, and
     the ledger holds each step's rows once, as an uninterrupted run draws them."""
-    cfg = grpo_config(assets, tmp_path / "run", rl={"async_rollout": True},
+    cfg = grpo_config(tmp_path / "run", rl={"async_rollout": True},
                       checkpoint={"every": 2})
     run = Run(cfg, tmp_path).start()
     run.wait_for_step(5)

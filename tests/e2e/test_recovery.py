@@ -14,32 +14,18 @@ from orchestrator import RunConfig, train
 pytestmark = pytest.mark.e2e
 
 
-def grpo(assets, run_dir, **fault) -> RunConfig:
-    return RunConfig.from_dict({
-        "algorithm": "grpo", "run_dir": str(run_dir),
-        "model": {"path": assets["model"]},
-        "data": {"train": assets["train"], "max_length": 128},
-        "policy": {"actors": 1, "cpus": 1, "zero_stage": 0},
-        "reference": {"actors": 1, "cpus": 0.5},
-        "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
-                   "function": "orchestrator.synthetic:reward"},
-        "rollout": {"actors": 1, "cpus": 1, "max_model_len": 256, "backend": "hf"},
-        "rl": {"prompts_per_step": 8, "group_size": 4, "max_new_tokens": 8},
-        "optim": {"lr": 1e-3},
-        "train": {"batch_size": 32, "micro_batch_size": 32, "max_steps": 7},
-        "fault": fault,
-        "cluster": {"num_cpus": 3},
-        "log": {"progress_bar": False, "tensorboard": False},
-    })
+def grpo(grpo_config, run_dir, **fault) -> RunConfig:
+    return RunConfig.from_dict(grpo_config(run_dir, train={"max_steps": 7}, fault=fault))
 
 
 def rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_killed_roles_are_replaced_and_the_run_matches_an_uninterrupted_one(assets, tmp_path):
-    plain = train(grpo(assets, tmp_path / "plain"))
-    hit = train(grpo(assets, tmp_path / "hit", inject="reward@2,rollout@4,reference@5"))
+def test_killed_roles_are_replaced_and_the_run_matches_an_uninterrupted_one(grpo_config,
+                                                                             tmp_path):
+    plain = train(grpo(grpo_config, tmp_path / "plain"))
+    hit = train(grpo(grpo_config, tmp_path / "hit", inject="reward@2,rollout@4,reference@5"))
     steps = {r["step"]: r for r in rows(hit.run_dir) if "timing/step" in r}
     assert sorted(steps) == list(range(1, 8))
     replaced = {s: [(x["role"], x["rank"]) for x in r["recovery"]]
@@ -60,10 +46,10 @@ def test_killed_roles_are_replaced_and_the_run_matches_an_uninterrupted_one(asse
     assert hit.usage["rollout"]["seconds"] > 0
 
 
-def test_a_role_that_keeps_failing_stops_the_run_with_a_checkpoint(assets, tmp_path):
+def test_a_role_that_keeps_failing_stops_the_run_with_a_checkpoint(grpo_config, tmp_path):
     from orchestrator.session import RunFailed
     with pytest.raises(RunFailed) as err:
-        train(grpo(assets, tmp_path / "run", inject="reward@2,reward@3", max_restarts=1))
+        train(grpo(grpo_config, tmp_path / "run", inject="reward@2,reward@3", max_restarts=1))
     message = str(err.value)
     assert "role reward rank 0" in message and "1 replacement(s) (fault.max_restarts) are spent" \
         in message
