@@ -33,9 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.compare_eval import EvalSettings, evaluate_policy, settings_dict, win_rate
+from orchestrator.compare_eval import EvalSettings, evaluate_policy, win_rate
 from orchestrator.config import deep_copy, read_yaml
-from orchestrator.pipelines import Stage, _cluster, _get, build_pipeline, run_pipeline
+from orchestrator.pipelines import (Stage, _cluster, _get, _recorded, build_pipeline,
+                                    run_pipeline)
 from orchestrator.schema import ConfigError, build, set_dotted
 
 log = logging.getLogger(__name__)
@@ -281,13 +282,13 @@ def run_comparison(comp: Comparison) -> dict:
     try:
         if comp.shared:
             run_pipeline(comp.root, comp.shared)
-        todo = [r for r in comp.runs if not r.done()]
+        todo, at_once = [r for r in comp.runs if not r.done()], _parallel(comp)
         log.info("compare %s: %d arm runs, %d done before, %d to run, %d at a time", comp.root,
-                 len(comp.runs), len(comp.runs) - len(todo), len(todo), _parallel(comp))
+                 len(comp.runs), len(comp.runs) - len(todo), len(todo), at_once)
         job = ray.remote(num_cpus=0, max_retries=0)(_arm_job)
         pending: dict = {}
         while todo or pending:
-            while todo and len(pending) < _parallel(comp):
+            while todo and len(pending) < at_once:
                 run = todo.pop(0)
                 log.info("arm %s seed %d in %s", run.label, run.seed, run.run_dir)
                 pending[job.remote(run, comp)] = run
@@ -348,11 +349,6 @@ def _run_figures(run: ArmRun, res: dict, baseline_gold: list[float] | None, unit
     }
 
 
-def _stage_wall(stage: Stage) -> float | None:
-    record = Path(stage.cfg.run_dir) / "stage_result.json"
-    return json.loads(record.read_text()).get("wall_s") if record.is_file() else None
-
-
 def report_data(comp: Comparison) -> dict:
     """The figures of every arm run, grouped by sweep point in the config's order."""
     results = {(r.arm, r.point, r.seed): json.loads((r.run_dir / RESULT).read_text())
@@ -368,9 +364,9 @@ def report_data(comp: Comparison) -> dict:
             "models_held": res["models_held"],
             "steps": run.stage.cfg.train.max_steps if run.stage else 0, "runs": []})
         point["runs"].append(_run_figures(run, res, base.get(run.seed), comp.budget["unit"]))
-    ev = settings_dict(comp.eval)
+    ev = dataclasses.asdict(comp.eval)
     budget = dict(comp.budget)
-    shared = [(s.name, _stage_wall(s)) for s in comp.shared]
+    shared = [(s.name, _recorded(s).wall_s) for s in comp.shared]  # done: they ran first
     if shared:
         budget["text"] += (". Shared stages, trained once before the arms and not counted in "
                            "their costs: " + ", ".join(f"{n} {w:.0f} s" if w is not None else n

@@ -14,7 +14,7 @@ log-probs, the reward role's model scorer), so that evaluating an arm holds no a
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from statistics import mean
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,3 @@ def win_rate(arm: list[float], baseline: list[float]) -> float:
         raise ValueError(f"win rate over {len(arm)} against {len(baseline)} prompts")
     return mean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(arm, baseline))
 
-
-def settings_dict(settings: EvalSettings) -> dict:
-    return asdict(settings)

@@ -15,7 +15,7 @@ from actors.reward import RewardScorer, RewardSettings
 from actors.rollout import RolloutEngine, RolloutSettings
 from orchestrator.config import FaultConfig
 from orchestrator.placement import RoleRequest, check_capacity, place
-from orchestrator.weight_sync import backend_for, connect as connect_sync
+from orchestrator.weight_sync import backend_for, connect as connect_sync, sync_weights
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,6 @@ class RLRoles:
         if name == "rollout":
             connect_sync(self.policy, new, cfg.weight_sync.timeout_s,
                          backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
-            from orchestrator.weight_sync import sync_weights
             sync_weights(self.policy, new, cfg.weight_sync.bucket_bytes)
         return new
 
