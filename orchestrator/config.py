@@ -304,24 +304,26 @@ class FaultConfig:
     preempt_file: Optional[str] = param(None, "a path whose appearance asks the run to stop as "
                                               "on SIGTERM (finish the step, checkpoint, exit 0): "
                                               "for schedulers that announce preemption by file")
-    max_restarts: int = param(2, "online runs: replacements in place per role (rollout, reward, "
-                                 "reference) before the run stops with a checkpoint; 0: none",
-                              ge=0)
-    inject: Optional[str] = param(None, "fault injection for tests: 'role@step[,role@step]' "
-                                        "kills rank 0 of the role (kill -9 of its process) as "
-                                        "that step starts")
+    max_restarts: int = param(2, "replacements in place per role (rollout, reward, reference; "
+                                 "a policy or critic rank: the role's world is rebuilt from the "
+                                 "newest checkpoint) before the run stops with a checkpoint; 0: "
+                                 "none", ge=0)
+    inject: Optional[str] = param(None, "fault injection for tests: 'role[:rank]@step[,...]' "
+                                        "kills that rank (default 0) of the role (kill -9 of its "
+                                        "process) as that step starts")
 
-    def injections(self) -> list[tuple[str, int]]:
-        """(role, step) of each ``inject`` item; ConfigError naming a malformed one."""
+    def injections(self) -> list[tuple[str, int, int]]:
+        """(role, rank, step) of each ``inject`` item; ConfigError naming a malformed one."""
         out = []
         for item in (self.inject or "").split(","):
             if not item.strip():
                 continue
-            role, _, step = item.strip().partition("@")
-            if not step.isdigit() or int(step) < 1:
-                raise ConfigError(f"fault.inject: {item.strip()!r} must look like role@step "
-                                  f"(step >= 1), e.g. reward@3")
-            out.append((role, int(step)))
+            who, _, step = item.strip().partition("@")
+            role, _, rank = who.partition(":")
+            if not step.isdigit() or int(step) < 1 or (rank and not rank.isdigit()):
+                raise ConfigError(f"fault.inject: {item.strip()!r} must look like role@step or "
+                                  f"role:rank@step (step >= 1), e.g. reward@3 or policy:1@4")
+            out.append((role, int(rank or 0), int(step)))
         return out
 
 
@@ -400,10 +402,13 @@ class RunConfig:
             if per_actor % min(self.train.micro_batch_size, per_actor):
                 raise ConfigError(f"train.micro_batch_size: {self.train.micro_batch_size} does not "
                                   f"divide the {per_actor} samples each {role} replica gets per step")
-        for role, _ in self.fault.injections():
+        for role, rank, _ in self.fault.injections():
             if role not in self.roles():
                 raise ConfigError(f"fault.inject: {role!r} is not a role of algorithm "
                                   f"{self.algorithm!r} (its roles: {', '.join(self.roles())})")
+            if rank >= getattr(self, role).actors:
+                raise ConfigError(f"fault.inject: {role} has no rank {rank} ({role}.actors="
+                                  f"{getattr(self, role).actors}); ranks count from 0")
         if self.eval.reward_fn is not None and ":" not in self.eval.reward_fn:
             raise ConfigError(f"eval.reward_fn: {self.eval.reward_fn!r} must look like module:function")
         if self.algorithm not in ("dpo", "online_dpo"):

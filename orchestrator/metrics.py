@@ -28,8 +28,11 @@ class MetricsLog:
             for name in FILES:
                 if self.storage.exists(name):
                     self.storage.download(name)
-        _truncate_after(self.path, resume_step)
-        _truncate_after(self.ledger, resume_step)
+        for path in (self.path, self.ledger):
+            if resume_step > 0:
+                _truncate_after(path, resume_step)
+            elif path.exists():
+                path.write_text("")
         self.ledger_step = resume_step
         self.tb = None
         if tensorboard:
@@ -57,6 +60,14 @@ class MetricsLog:
             fh.write(json.dumps({"step": step, "rows": rows, "samples_per_row": samples_per_row})
                      + "\n")
 
+    def rewind(self, step: int) -> None:
+        """Forget the steps after ``step`` (a run rewound to a checkpoint after losing a trainer
+        rank trains them again): their metrics and ledger lines go, so that the files hold the
+        trained stream once. TensorBoard keeps its events: the redone steps show beside them."""
+        _truncate_after(self.path, step)
+        _truncate_after(self.ledger, step)
+        self.ledger_step = min(self.ledger_step, step)
+
     def sync(self) -> None:
         """Push what is written so far to the run's URI (nothing to do for a local run dir)."""
         if self.tb is not None:
@@ -78,7 +89,7 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = []
-    for line in path.read_text().splitlines() if step > 0 else []:
+    for line in path.read_text().splitlines():
         try:
             if json.loads(line).get("step", 0) <= step:
                 kept.append(line)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import time
 
+from actors.group import RoleFailure
 from actors.runtime import load_tokenizer
 from orchestrator.evaluate import load_reward_fn
 from orchestrator.metrics import PhaseTimer, combine_replicas
 from orchestrator.offline_tasks import TASKS
+from orchestrator.recovery import Injector, Recovery, Rewound
 from orchestrator.roles import start_offline_roles
 from orchestrator.sampler import ResumableSampler
 from orchestrator.schema import ConfigError
@@ -53,31 +55,50 @@ def run_offline(cfg, storage: RunStorage | None = None) -> TrainResult:
 
 
 def _train(cfg, session: RunSession, task, roles) -> TrainResult:
-    policy, timer = roles.policy, PhaseTimer()
+    timer = PhaseTimer()
     task.prepare(roles, timer)
     sampler = ResumableSampler(len(task.train), cfg.train.seed)
-    step = session.restore([policy], sampler)
-    session.begin(lambda s: task.evaluate(policy, s))
+    step = session.restore(roles.trainables, sampler)
+    recovery, inject = Recovery(cfg, roles, session, sampler), Injector(cfg, roles)
+
+    def one_step(step: int) -> None:
+        policy = roles.policy
+        inject.before(step)
+        t_step = time.perf_counter()
+        with timer.phase("data"):
+            idx = sampler.next_batch(cfg.train.batch_size)
+            batch = task.batch(idx, roles, timer)
+        with timer.phase("train"):
+            session.update_started()
+            row = combine_replicas(policy.run("train_step", batch.split(len(policy))),
+                                   task.count, same=("grad_norm", "lr"),
+                                   totals=("tokens", task.rate, "train_seconds"))
+            # the step inside the replicas (their mean); timing/train less this is the
+            # round trip
+            row["timing/in_actor"] = row.pop("train_seconds") / len(policy)
+        elapsed = time.perf_counter() - t_step
+        task.finish_row(row)
+        row["batch/rows"] = [task.train[i].row for i in idx]  # which file rows it used
+        row.update(timer.pop(), **recovery.pop(step),
+                   **{"timing/step": elapsed, f"{task.rate}_per_s": row[task.rate] / elapsed,
+                      "tokens_per_s": row["tokens"] / elapsed})
+        session.end_step(step, row, sampler.state_dict(), task.postfix(row))
+
+    session.begin(lambda s: task.evaluate(roles.policy, s))
     with session.steps():
         while step < cfg.train.max_steps:
-            t_step = time.perf_counter()
-            with timer.phase("data"):
-                idx = sampler.next_batch(cfg.train.batch_size)
-                batch = task.batch(idx, roles, timer)
-            with timer.phase("train"):
-                session.update_started()
-                row = combine_replicas(policy.run("train_step", batch.split(len(policy))),
-                                       task.count, same=("grad_norm", "lr"),
-                                       totals=("tokens", task.rate, "train_seconds"))
-                # the step inside the replicas (their mean); timing/train less this is the
-                # round trip
-                row["timing/in_actor"] = row.pop("train_seconds") / len(policy)
-            step += 1
-            elapsed = time.perf_counter() - t_step
-            task.finish_row(row)
-            row["batch/rows"] = [task.train[i].row for i in idx]  # which file rows it used
-            row.update(timer.pop(), **{"timing/step": elapsed,
-                                       f"{task.rate}_per_s": row[task.rate] / elapsed,
-                                       "tokens_per_s": row["tokens"] / elapsed})
-            session.end_step(step, row, sampler.state_dict(), task.postfix(row))
+            try:
+                with recovery.trainers(step + 1):
+                    try:
+                        one_step(step + 1)
+                    except RoleFailure as failure:  # a reference scoring the batch: again
+                        if failure.role != "reference":
+                            raise
+                        recovery.recover(failure, step + 1)
+                        sampler.load_state_dict(session.sampler_state)
+                        continue
+                step += 1
+            except Rewound as back:  # the trainer rebuilt from a checkpoint
+                step = back.step
+                timer.pop()
         return session.finish(sampler.state_dict(), [r.summary() for r in task.reports])

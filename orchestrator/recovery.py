@@ -1,20 +1,27 @@
-"""Recovery in place for the online loop: a dead or hung rollout engine, reward or reference
-replica is replaced while the run goes on, up to ``fault.max_restarts`` times per role.
+"""Recovery in place: a dead or hung replica of any role is replaced while the run goes on, up
+to ``fault.max_restarts`` times per role.
 
-What a replacement costs the run: the step under way is taken again from its start (the same
-prompts, drawn again from the sampler position before it; the same sampling seed), so at
-depth 0 it samples what it would have sampled; a batch generated ahead (``rl.async_rollout``)
-is dropped and generated again with the current weights. New engines get the trainer's current
-weights before they serve. A trainer rank (policy, critic) is not replaced here: its failure
-ends the run as before (orchestrator/session.py), as does a role whose budget is spent.
+A rollout engine, reward or reference replica: its group is replaced and the step under way is
+taken again from its start (the same prompts, drawn again from the sampler position before it;
+the same sampling seed), so at depth 0 it samples what it would have sampled; a batch generated
+ahead (``rl.async_rollout``) is dropped and generated again with the current weights. New
+engines get the trainer's current weights before they serve.
 
-``fault.inject`` (tests) kills rank 0 of a role as a step starts: the actor ends its own
+A trainer rank (policy, critic): its state is gone and its peers' is past any step a run could
+go on from, so the role's world is rebuilt (new group, new DeepSpeed world) and every trainer
+group loads the newest complete checkpoint (none yet: all are built afresh, as at the start);
+the sampler, metrics and ledger go back to that step (:meth:`RunSession.rewind`), and
+:class:`Rewound` tells the loop to train the steps after it again. Those redone steps replace
+the abandoned ones, so the trained stream is the one an uninterrupted run sees.
+
+``fault.inject`` (tests) kills a rank of a role as a step starts: the actor ends its own
 process with SIGKILL, a real death that the driver only learns of from Ray.
 """
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 import ray
 
@@ -25,19 +32,31 @@ log = logging.getLogger(__name__)
 REPLACEABLE = ("rollout", "reward", "reference")
 
 
-class Recovery:
-    """The replacements a run may still make, and the record of those it made."""
+class Rewound(Exception):
+    """A trainer role was rebuilt and the run went back to the end of step ``step``."""
 
-    def __init__(self, cfg, roles):
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"rewound to step {step}")
+
+
+class Recovery:
+    """The replacements a run may still make, and the record of those it made. A trainer
+    replacement rewinds through ``session`` (orchestrator/session.py) and ``sampler``."""
+
+    def __init__(self, cfg, roles, session=None, sampler=None):
         self.roles, self.budget = roles, cfg.fault.max_restarts
+        self.session, self.sampler = session, sampler
         self.used: dict[str, int] = {}
-        self.made: list[dict] = []  # this step's, for its metrics row
+        self.made: list[dict] = []  # for the metrics row of the next completed step
+        self.logged: list[tuple[int, dict]] = []  # (step whose row holds it, record)
 
     def recover(self, failure: RoleFailure, step: int) -> None:
-        """Replace ``failure``'s role, or re-raise the failure when it cannot be (a trainer
-        role) or may not be (its budget spent, said in the message)."""
+        """Replace ``failure``'s role, or re-raise the failure when it may not be (its budget
+        spent, said in the message). A trainer role's replacement ends in :class:`Rewound`."""
         role = failure.role
-        if role not in REPLACEABLE:
+        trainers = [g.role for g in self.roles.trainables]
+        if role not in REPLACEABLE and role not in trainers:
             raise failure
         if self.used.get(role, 0) >= self.budget:
             raise RoleFailure(failure.role, failure.rank, failure.node, failure.pid,
@@ -47,34 +66,63 @@ class Recovery:
         log.warning("%s; replacing role %s in place (%d of %d) at step %d", failure, role,
                     self.used[role], self.budget, step)
         t0 = time.perf_counter()
+        record = {"role": role, "rank": failure.rank, "step": step, "cause": failure.cause}
+        if role in trainers:
+            ckpt = self.session.rewind_point()
+            self.roles.replace_trainers([role] if ckpt is not None else trainers, failure.method)
+            back = self.session.rewind(ckpt, self.roles.trainables, self.sampler)
+            record.update(seconds=time.perf_counter() - t0, rewound_to=back)
+            # the rows of the abandoned steps are gone: what they recorded goes in a later one
+            self.made = [r for s, r in self.logged if s > back] + self.made + [record]
+            self.logged = [(s, r) for s, r in self.logged if s <= back]
+            log.warning("role %s rebuilt in %.1fs from %s; steps %d.. are trained again", role,
+                        record["seconds"], ckpt or "the run's start", back + 1)
+            raise Rewound(back)
         self.roles.replace(role)
-        seconds = time.perf_counter() - t0
-        log.warning("role %s replaced in %.1fs; step %d goes on", role, seconds, step)
-        self.made.append({"role": role, "rank": failure.rank, "step": step,
-                          "cause": failure.cause, "seconds": seconds})
+        record["seconds"] = time.perf_counter() - t0
+        self.made.append(record)
+        log.warning("role %s replaced in %.1fs; step %d goes on", role, record["seconds"], step)
 
-    def pop(self) -> dict:
-        """This step's replacements as metrics (none: an empty dict)."""
+    @contextmanager
+    def trainers(self, step: int):
+        """Around a step: a trainer role's failure that no finer handler took (in a save, an
+        evaluation) is recovered too, ending in :class:`Rewound`."""
+        try:
+            yield
+        except RoleFailure as failure:
+            if failure.role not in {g.role for g in self.roles.trainables}:
+                raise
+            self.recover(failure, step)
+
+    def pop(self, step: int) -> dict:
+        """The replacements not yet in a metrics row, as step ``step``'s metrics (none: an
+        empty dict)."""
         if not self.made:
             return {}
         out = {"recovery": self.made,
                "recovery/seconds": sum(r["seconds"] for r in self.made)}
+        self.logged += [(step, r) for r in self.made]
         self.made = []
         return out
 
 
 class Injector:
-    """``fault.inject``: kill rank 0 of a role (its process, with SIGKILL) as a step starts."""
+    """``fault.inject``: kill a rank of a role (its process, with SIGKILL) as a step starts."""
 
     def __init__(self, cfg, roles):
         self.roles, self.plan = roles, cfg.fault.injections()
 
     def before(self, step: int) -> None:
-        for role, at in self.plan:
+        for role, rank, at in self.plan:
             if at != step:
                 continue
-            actor = getattr(self.roles, role).actors[0]
-            log.warning("fault.inject: killing role %s rank 0 at step %d", role, step)
+            group = getattr(self.roles, role)
+            if group is None:
+                log.warning("fault.inject: role %s is not running at step %d (a DPO reference "
+                            "stops after its precompute); nothing killed", role, step)
+                continue
+            actor = group.actors[rank]
+            log.warning("fault.inject: killing role %s rank %d at step %d", role, rank, step)
             ref = actor.die.remote()
             ray.wait([ref], timeout=30)  # it answers with its death
-        self.plan = [(r, s) for r, s in self.plan if s != step]  # once, even if the step is redone
+        self.plan = [p for p in self.plan if p[2] != step]  # once, even if the step is redone

@@ -29,7 +29,7 @@ from orchestrator.evaluate import load_reward_fn
 from orchestrator.kl import kl_per_token
 from orchestrator.metrics import PhaseTimer, combine_replicas
 from orchestrator.online_pairs import PairUpdate
-from orchestrator.recovery import Injector, Recovery
+from orchestrator.recovery import Injector, Recovery, Rewound
 from orchestrator.rl_losses import explained_variance
 from orchestrator.roles import RLRoles
 from orchestrator.rollouts import Rollout, RolloutPipeline, Scores, reward_records
@@ -139,7 +139,7 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         sync_weights(roles.policy, roles.rollout, bucket_bytes)  # engines start from the model dir
     timer = PhaseTimer()
     pipe = RolloutPipeline(cfg, roles, prompts, sampler, tokenizer, needs_old_logprobs(cfg))
-    recovery, inject = Recovery(cfg, roles), Injector(cfg, roles)
+    recovery, inject = Recovery(cfg, roles, session, sampler), Injector(cfg, roles)
 
     def evaluate(step: int) -> dict:
         """The reward role's mean reward of one sample per held-out prompt; with a gold reward
@@ -186,32 +186,46 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         except RoleFailure as failure:  # new engines receive the current weights as they join
             recovery.recover(failure, step)
 
+    def one_step(step: int) -> None:
+        inject.before(step)
+        t_step = time.perf_counter()
+        while True:
+            try:
+                ro, scored, row = sample_and_update(step)
+                break
+            except RoleFailure as failure:  # before the update: take the step again
+                recovery.recover(failure, step)
+                pipe.restart(session.sampler_state)
+        with timer.phase("generate"):
+            pipe.after_update()
+        if pipe.failure is not None:  # met on the next step's batch, which was dropped
+            failure, pipe.failure = pipe.failure, None
+            recovery.recover(failure, step)
+        with timer.phase("sync"):
+            if step % cfg.weight_sync.every == 0:
+                sync(step)
+        pipe.after_sync(step)
+        row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size), **recovery.pop(step),
+                   **timer.pop(), **{"timing/step": time.perf_counter() - t_step})
+        session.end_step(step, row, pipe.resume_state(),
+                         {"reward": f"{row['reward/mean']:.3f}", "kl": f"{row['kl']:.4f}"})
+
     session.begin(evaluate_or_recover)
     with session.steps():
-        for step in range(start + 1, cfg.train.max_steps + 1):
-            inject.before(step)
-            t_step = time.perf_counter()
-            while True:
-                try:
-                    ro, scored, row = sample_and_update(step)
-                    break
-                except RoleFailure as failure:  # before the update: take the step again
-                    recovery.recover(failure, step)
-                    pipe.restart(session.sampler_state)
-            with timer.phase("generate"):
-                pipe.after_update()
-            if pipe.failure is not None:  # met on the next step's batch, which was dropped
-                recovery.recover(pipe.failure, step)
+        step, resync = start, False
+        while step < cfg.train.max_steps:
+            try:
+                with recovery.trainers(step + 1):
+                    if resync:  # the engines hold the weights of abandoned steps
+                        sync(step)
+                        resync = False
+                    one_step(step + 1)
+                step += 1
+            except Rewound as back:  # a trainer role rebuilt from a checkpoint
+                step, resync = back.step, True
+                timer.pop()
+                pipe.restart(session.sampler_state)
                 pipe.failure = None
-            with timer.phase("sync"):
-                if step % cfg.weight_sync.every == 0:
-                    sync(step)
-            pipe.after_sync(step)
-            row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size), **recovery.pop(),
-                       **timer.pop(),
-                       **{"timing/step": time.perf_counter() - t_step})
-            session.end_step(step, row, pipe.resume_state(),
-                             {"reward": f"{row['reward/mean']:.3f}", "kl": f"{row['kl']:.4f}"})
         if cfg.train.max_steps % cfg.weight_sync.every:  # evaluate what the trainer ended with
             sync(cfg.train.max_steps)
         return session.finish(sampler.state_dict(), data_notes)

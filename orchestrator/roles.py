@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
 
 import ray
 
@@ -125,27 +124,92 @@ class Placement:
         self.groups = {}
 
 
-@dataclass
-class OfflineRoles:
+TRAINER_CLASSES = {"policy": PolicyTrainer, "critic": Critic}
+
+
+class RoleSet:
+    """The groups of a run in their placement groups, and replacing one in the same bundles:
+    a dead or hung replica's whole group goes (its peers may wait on it) and a new one starts."""
+
+    def __init__(self, cfg, placement: Placement):
+        self.cfg, self.placement = cfg, placement
+        self.groups: list[ActorGroup] = []
+        self.retired: list[ActorGroup] = []  # replaced or stopped early: usage() counts them
+
+    @property
+    def trainables(self) -> list[ActorGroup]:
+        """The groups whose state a checkpoint holds."""
+        return [g for g in (getattr(self, "policy", None), getattr(self, "critic", None))
+                if g is not None]
+
+    def _keep(self, group: ActorGroup) -> ActorGroup:
+        self.groups.append(group)
+        return group
+
+    def _retire(self, name: str) -> None:
+        old = getattr(self, name)
+        old.kill()
+        self.groups.remove(old)
+        self.retired.append(old)
+
+    def _restart(self, name: str, cls: type, args: tuple) -> ActorGroup:
+        self._retire(name)
+        new = self._keep(self.placement.start(name, cls, args))
+        setattr(self, name, new)
+        return new
+
+    def replace(self, name: str) -> ActorGroup:
+        """A new reference group (the other kinds: :class:`RLRoles`)."""
+        if name != "reference":
+            raise ValueError(f"role {name} cannot be replaced in place here")
+        new = self._restart(name, Reference, (self.cfg,))
+        ray.get([a.ready.remote() for a in new.actors])
+        return new
+
+    def replace_trainers(self, names: list[str], method: str | None = None) -> None:
+        """New groups for trainer roles ``names`` (policy, critic): each builds a new
+        torch.distributed world and DeepSpeed engine from the model dir; the caller loads the
+        checkpoint to go on from. ``method``: the call the dead rank was in."""
+        new = [self._restart(n, TRAINER_CLASSES[n], (self.cfg,)) for n in names]
+        setup_trainers(*new)
+
+    def shutdown(self) -> None:
+        for group in self.groups:
+            group.kill()
+        self.placement.release()
+
+    def usage(self) -> dict:
+        """Per role: resources held, for how long, peak memory (ActorGroup.usage); the seconds
+        of a replaced or stopped group count too."""
+        return merge_usage([{g.role: g.usage()} for g in self.groups + self.retired])
+
+
+class OfflineRoles(RoleSet):
     """The trainer group, and for DPO the reference group."""
-    policy: ActorGroup
-    reference: ActorGroup | None
-    retired: list[ActorGroup] = field(default_factory=list)  # stopped early, for usage()
+
+    def __init__(self, cfg):
+        super().__init__(cfg, Placement(cfg, cfg.roles()))
+        self.reference = None
+        try:
+            if "reference" in cfg.roles():
+                self.reference = self._keep(self.placement.start("reference", Reference, (cfg,)))
+            self.policy = self._keep(self.placement.start("policy", PolicyTrainer, (cfg,)))
+            setup = [self.policy.submit("setup", *ray.get(self.policy.actors[0].address.remote()))]
+            if self.reference is not None:
+                ray.get([a.ready.remote() for a in self.reference.actors])
+            self.n_params = self.policy.gather("setup", setup[0])[0]
+        except BaseException:
+            self.shutdown()
+            raise
 
     def stop_reference(self) -> None:
         """Free the reference's resources once its log-probs are all precomputed."""
         if self.reference is not None:
-            stop_group(self.reference)
-            self.retired.append(self.reference)
+            self._retire("reference")
+            if getattr(self.reference, "owns_placement", True):
+                ray.util.remove_placement_group(self.reference.placement_group)
+                self.placement.groups.pop("reference", None)
             self.reference = None
-
-    def shutdown(self) -> None:
-        self.stop_reference()
-        stop_group(self.policy)
-
-    def usage(self) -> dict:
-        """Per role: resources held, for how long, peak memory (ActorGroup.usage)."""
-        return role_usage([self.policy, self.reference, *self.retired])
 
 
 def role_usage(groups: list) -> dict:
@@ -177,18 +241,11 @@ def setup_trainers(*groups: ActorGroup) -> list[int]:
 
 
 def start_offline_roles(cfg) -> OfflineRoles:
-    placement = Placement(cfg, cfg.roles())
-    reference = (placement.start("reference", Reference, (cfg,))
-                 if "reference" in cfg.roles() else None)
-    policy = placement.start("policy", PolicyTrainer, (cfg,))
-    setup = [policy.submit("setup", *ray.get(policy.actors[0].address.remote()))]
-    if reference is not None:
-        ray.get([a.ready.remote() for a in reference.actors])
-    n_params = policy.gather("setup", setup[0])[0]
+    roles = OfflineRoles(cfg)
     log.info("roles up: %s trainer %d x ZeRO-%d (%.2fM parameters)%s", cfg.algorithm,
-             len(policy), cfg.policy.zero_stage, n_params / 1e6,
-             f", reference {len(reference)}" if reference is not None else "")
-    return OfflineRoles(policy, reference)
+             len(roles.policy), cfg.policy.zero_stage, roles.n_params / 1e6,
+             f", reference {len(roles.reference)}" if roles.reference is not None else "")
+    return roles
 
 
 def _engines_started(group: ActorGroup) -> ActorGroup:
@@ -231,13 +288,13 @@ def reward_settings(cfg) -> RewardSettings:
                           dtype=cfg.model.dtype, cpus=r.cpus, gpus=r.gpus)
 
 
-class RLRoles:
+class RLRoles(RoleSet):
     """Rollout, policy, critic (PPO), reference and reward groups, and the weight-sync group
     between the policy and the engines."""
 
     def __init__(self, cfg):
-        self.cfg, self.groups, self.retired = cfg, [], []  # retired: replaced groups
-        self.placement = placement = Placement(cfg, cfg.roles())
+        super().__init__(cfg, Placement(cfg, cfg.roles()))
+        placement = self.placement
         try:
             self.rollout = self._keep(_engines_started(placement.start(
                 "rollout", engine_class(cfg.rollout),
@@ -250,50 +307,43 @@ class RLRoles:
                                                      (reward_settings(cfg),)))
             setup_trainers(*self.trainables)
             ray.get([a.ready.remote() for g in (self.reference, self.reward) for a in g.actors])
-            connect_sync(self.policy, self.rollout, cfg.weight_sync.timeout_s,
-                         backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
+            self._connect_sync(self.rollout)
         except BaseException:
             self.shutdown()
             raise
 
-    @property
-    def trainables(self) -> list[ActorGroup]:
-        """The groups whose state a checkpoint holds."""
-        return [self.policy] + ([self.critic] if self.critic is not None else [])
+    def _connect_sync(self, engines: ActorGroup) -> None:
+        cfg = self.cfg
+        connect_sync(self.policy, engines, cfg.weight_sync.timeout_s,
+                     backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
 
     def replace(self, name: str) -> ActorGroup:
         """Kill role ``name``'s replicas (a dead or hung one among them) and start new ones in
         the same placement bundles; new engines join a new weight-sync group with the trainer
         and receive its current weights. Rollout, reward and reference only."""
-        cfg, old = self.cfg, getattr(self, name)
-        old.kill()
-        self.groups.remove(old)
-        self.retired.append(old)
-        if name == "rollout":
-            new = _engines_started(self.placement.start(
-                "rollout", engine_class(cfg.rollout), (rollout_settings(cfg.model, cfg.rollout),)))
-        else:
-            cls, args = {"reference": (Reference, (cfg,)),
-                         "reward": (RewardScorer, (reward_settings(cfg),))}[name]
-            new = self.placement.start(name, cls, args)
+        cfg = self.cfg
+        if name == "reference":
+            return super().replace(name)
+        if name == "reward":
+            new = self._restart(name, RewardScorer, (reward_settings(cfg),))
             ray.get([a.ready.remote() for a in new.actors])
-        setattr(self, name, self._keep(new))
-        if name == "rollout":
-            connect_sync(self.policy, new, cfg.weight_sync.timeout_s,
-                         backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
-            sync_weights(self.policy, new, cfg.weight_sync.bucket_bytes)
+            return new
+        new = _engines_started(self._restart(
+            "rollout", engine_class(cfg.rollout), (rollout_settings(cfg.model, cfg.rollout),)))
+        self._connect_sync(new)
+        sync_weights(self.policy, new, cfg.weight_sync.bucket_bytes)
         return new
 
-    def _keep(self, group: ActorGroup) -> ActorGroup:
-        self.groups.append(group)
-        return group
-
-    def shutdown(self) -> None:
-        for group in self.groups:
-            group.kill()
-        self.placement.release()
-
-    def usage(self) -> dict:
-        """Per role: resources held, for how long, peak memory (ActorGroup.usage); a replaced
-        group's seconds count too."""
-        return merge_usage([{g.role: g.usage()} for g in self.groups + self.retired])
+    def replace_trainers(self, names: list[str], method: str | None = None) -> None:
+        """New trainer groups (see :meth:`RoleSet.replace_trainers`); a new policy opens a new
+        weight-sync group with the engines. The engines are replaced as well where they may
+        still wait on the dead sender (it died in a sync) or where the transport is NCCL (a
+        vLLM communicator is not re-opened in place)."""
+        super().replace_trainers(names, method)
+        if "policy" not in names:
+            return
+        if method in ("send_weights", "weight_update_info") or \
+                backend_for(self.cfg.rollout.gpus) == "nccl":
+            self.replace("rollout")
+        else:
+            self._connect_sync(self.rollout)

@@ -112,7 +112,32 @@ class RunSession:
             self.step, self.before = restore_run(self.resume, trainables, sampler, self.ckpts)
             self.last_ckpt = self.resume
         self.sampler_state = sampler.state_dict()
+        self.start_state = (self.step, self.sampler_state)  # where a rewind without checkpoints goes
         return self.step
+
+    def rewind_point(self) -> Path | None:
+        """The checkpoint a run that lost a trainer rank goes back to: the newest complete one
+        (this run's, else the one it resumed from); None: the run's start."""
+        self.ckpts.clear_partial()  # a save the failure broke off
+        return self.ckpts.latest() or self.resume
+
+    def rewind(self, ckpt: Path | None, trainables: list, sampler) -> int:
+        """Go back to ``ckpt`` (:meth:`rewind_point`): its state into every trainer group (the
+        replaced and the surviving ones) and the sampler, the metrics and the ledger cut back
+        to its step; None: the run's start (the groups are then freshly built). The steps
+        after it are trained again, replacing the abandoned ones. Returns its step."""
+        if ckpt is not None:
+            step, _ = restore_run(ckpt, trainables, sampler, self.ckpts)
+        else:
+            step, state = self.start_state
+            sampler.load_state_dict(state)
+        self.trainables = trainables
+        self.step, self.sampler_state, self.last_ckpt = step, sampler.state_dict(), ckpt
+        self.updating, self.pending = False, None
+        self.metrics.rewind(step)
+        self.bar.n = step
+        self.bar.refresh()
+        return step
 
     def begin(self, evaluate: Callable[[int], dict]) -> None:
         """Open the metrics (a resumed run keeps its past lines) and evaluate the starting

@@ -187,8 +187,9 @@ def test_frozen_rollout_engine_is_named_by_its_deadline(assets, tmp_path, restar
 
 
 def test_killed_policy_rank_names_it_and_points_at_the_newest_checkpoint(make_config, tmp_path):
+    # without replacements in place (fault.max_restarts 0) a lost rank ends the run
     cfg = make_config("train.max_steps=40", "checkpoint.every=2", "log.progress_bar=false",
-                      "eval.reward_fn=null")
+                      "eval.reward_fn=null", "fault.max_restarts=0")
     run = Run(cfg.to_dict(), tmp_path).start()
     run.wait_for_step(5)
     pids = actor_pids(run, "PolicyTrainer")

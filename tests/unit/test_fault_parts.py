@@ -136,30 +136,82 @@ def test_an_nccl_engine_refuses_an_update_that_leaves_part_of_its_checkpoint_out
 
 
 def test_fault_inject_names_roles_and_steps():
-    cfg = RunConfig.from_yaml(GRPO, ["fault.inject=reward@3, rollout@5"])
-    assert cfg.fault.injections() == [("reward", 3), ("rollout", 5)]
+    cfg = RunConfig.from_yaml(GRPO, ["fault.inject=reward@3, rollout@5,policy:0@6"])
+    assert cfg.fault.injections() == [("reward", 0, 3), ("rollout", 0, 5), ("policy", 0, 6)]
     with pytest.raises(ConfigError, match="fault.inject: 'critic' is not a role of algorithm"):
         RunConfig.from_yaml(GRPO, ["fault.inject=critic@2"])
     with pytest.raises(ConfigError, match="fault.inject: 'reward@x' must look like role@step"):
         RunConfig.from_yaml(GRPO, ["fault.inject=reward@x"])
+    with pytest.raises(ConfigError, match="must look like role@step or role:rank@step"):
+        RunConfig.from_yaml(GRPO, ["fault.inject=policy:one@2"])
+    with pytest.raises(ConfigError, match=r"fault.inject: policy has no rank 1 \(policy.actors=1\)"):
+        RunConfig.from_yaml(GRPO, ["fault.inject=policy:1@2"])
 
 
-def test_recovery_replaces_up_to_the_budget_and_never_a_trainer():
+def test_recovery_replaces_up_to_the_budget():
     from orchestrator.recovery import Recovery
     replaced = []
-    roles = SimpleNamespace(replace=replaced.append)
+    roles = SimpleNamespace(replace=replaced.append, trainables=[SimpleNamespace(role="policy")])
     cfg = RunConfig.from_yaml(GRPO, ["fault.max_restarts=1"])
     recovery = Recovery(cfg, roles)
     dead = RoleFailure("reward", 0, "n", 7, "process died", "score")
     recovery.recover(dead, step=4)
     assert replaced == ["reward"]
-    made = recovery.pop()
+    made = recovery.pop(4)
     assert made["recovery"][0] | {"seconds": 0} == {"role": "reward", "rank": 0, "step": 4,
                                                     "cause": "process died", "seconds": 0}
-    assert recovery.pop() == {}
+    assert recovery.pop(5) == {}
     with pytest.raises(RoleFailure, match=r"1 replacement\(s\) \(fault.max_restarts\) are spent"):
         recovery.recover(dead, step=5)
-    trainer = RoleFailure("policy", 1, "n", 8, "process died", "rl_step")
+
+
+class FakeSession:
+    """What a trainer recovery asks of the run session: where to go back to, and going there."""
+
+    def __init__(self, ckpt):
+        self.ckpt, self.calls = ckpt, []
+
+    def rewind_point(self):
+        return self.ckpt
+
+    def rewind(self, ckpt, trainables, sampler):
+        self.calls.append((ckpt, [g.role for g in trainables], sampler))
+        return 4 if ckpt else 0
+
+
+@pytest.mark.parametrize("ckpt", ["ckpt-4", None])
+def test_a_lost_trainer_rank_rebuilds_its_role_and_rewinds(ckpt):
+    from orchestrator.recovery import Recovery, Rewound
+    rebuilt = []
+    trainables = [SimpleNamespace(role="policy"), SimpleNamespace(role="critic")]
+    roles = SimpleNamespace(trainables=trainables, replace=rebuilt.append,
+                            replace_trainers=lambda names, method: rebuilt.append((names, method)))
+    session = FakeSession(ckpt)
+    recovery = Recovery(RunConfig.from_yaml(GRPO, ["fault.max_restarts=1"]), roles, session,
+                        "sampler")
+    recovery.recover(RoleFailure("reward", 0, "n", 3, "process died", "score"), step=6)
+    assert recovery.pop(6)["recovery"][0]["role"] == "reward"
+    rebuilt.clear()
+    lost = RoleFailure("critic", 1, "n", 8, "process died", "critic_step")
+    with pytest.raises(Rewound) as back:
+        with recovery.trainers(step=7):
+            raise lost
+    # with a checkpoint only the lost role is rebuilt; without one every trainer starts over
+    assert rebuilt == [(["critic"] if ckpt else ["policy", "critic"], "critic_step")]
+    assert back.value.step == (4 if ckpt else 0)
+    assert session.calls == [(ckpt, ["policy", "critic"], "sampler")]
+    # step 6's row, which recorded the reward's replacement, is gone with the rewind: the
+    # record moves on to the next row
+    carried, record = recovery.pop(5)["recovery"]
+    assert carried["role"] == "reward" and carried["step"] == 6
+    assert (record["role"], record["rank"], record["step"], record["rewound_to"]) == \
+        ("critic", 1, 7, back.value.step)
+    with pytest.raises(RoleFailure, match="are spent"):
+        with recovery.trainers(step=5):
+            raise lost
+    # other roles' failures pass through the trainers' guard untouched
+    other = RoleFailure("reward", 0, "n", 9, "process died", "score")
     with pytest.raises(RoleFailure) as err:
-        recovery.recover(trainer, step=5)
-    assert err.value is trainer and replaced == ["reward"]
+        with recovery.trainers(step=5):
+            raise other
+    assert err.value is other
