@@ -59,7 +59,8 @@ def _train(cfg, session: RunSession, task, roles) -> TrainResult:
     task.prepare(roles, timer)
     sampler = ResumableSampler(len(task.train), cfg.train.seed)
     step = session.restore(roles.trainables, sampler)
-    recovery, inject = Recovery(cfg, roles, session, sampler), Injector(cfg, roles)
+    recovery = Recovery(cfg, roles, session, sampler)
+    inject = Injector(cfg, roles, recovery)
 
     def one_step(step: int) -> None:
         policy = roles.policy

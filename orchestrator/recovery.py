@@ -48,6 +48,7 @@ class Recovery:
         self.roles, self.budget = roles, cfg.fault.max_restarts
         self.session, self.sampler = session, sampler
         self.used: dict[str, int] = {}
+        self.killed: dict[str, float] = {}  # role -> time.time() of a kill by fault.inject
         self.made: list[dict] = []  # for the metrics row of the next completed step
         self.logged: list[tuple[int, dict]] = []  # (step whose row holds it, record)
 
@@ -67,11 +68,15 @@ class Recovery:
                     self.used[role], self.budget, step)
         t0 = time.perf_counter()
         record = {"role": role, "rank": failure.rank, "step": step, "cause": failure.cause}
+        if role in self.killed:  # benchmarks/recovery.py times kill -> next completed step
+            record["killed_at"] = self.killed.pop(role)
         if role in trainers:
             ckpt = self.session.rewind_point()
             self.roles.replace_trainers([role] if ckpt is not None else trainers, failure.method)
+            rebuilt = time.perf_counter()
             back = self.session.rewind(ckpt, self.roles.trainables, self.sampler)
-            record.update(seconds=time.perf_counter() - t0, rewound_to=back)
+            record.update(seconds=time.perf_counter() - t0, rewound_to=back,
+                          rebuild_seconds=rebuilt - t0, load_seconds=time.perf_counter() - rebuilt)
             # the rows of the abandoned steps are gone: what they recorded goes in a later one
             self.made = [r for s, r in self.logged if s > back] + self.made + [record]
             self.logged = [(s, r) for s, r in self.logged if s <= back]
@@ -109,8 +114,8 @@ class Recovery:
 class Injector:
     """``fault.inject``: kill a rank of a role (its process, with SIGKILL) as a step starts."""
 
-    def __init__(self, cfg, roles):
-        self.roles, self.plan = roles, cfg.fault.injections()
+    def __init__(self, cfg, roles, recovery: Recovery | None = None):
+        self.roles, self.plan, self.recovery = roles, cfg.fault.injections(), recovery
 
     def before(self, step: int) -> None:
         for role, rank, at in self.plan:
@@ -123,6 +128,8 @@ class Injector:
                 continue
             actor = group.actors[rank]
             log.warning("fault.inject: killing role %s rank %d at step %d", role, rank, step)
+            if self.recovery is not None:
+                self.recovery.killed[role] = time.time()
             ref = actor.die.remote()
             ray.wait([ref], timeout=30)  # it answers with its death
         self.plan = [p for p in self.plan if p[2] != step]  # once, even if the step is redone

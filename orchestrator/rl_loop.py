@@ -139,7 +139,8 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         sync_weights(roles.policy, roles.rollout, bucket_bytes)  # engines start from the model dir
     timer = PhaseTimer()
     pipe = RolloutPipeline(cfg, roles, prompts, sampler, tokenizer, needs_old_logprobs(cfg))
-    recovery, inject = Recovery(cfg, roles, session, sampler), Injector(cfg, roles)
+    recovery = Recovery(cfg, roles, session, sampler)
+    inject = Injector(cfg, roles, recovery)
 
     def evaluate(step: int) -> dict:
         """The reward role's mean reward of one sample per held-out prompt; with a gold reward
