@@ -22,12 +22,15 @@ order):
 Whatever the kind, a reward that cannot be had (the function raises, a value is not a finite
 number, the endpoint stays down or answers the wrong number of rewards) raises
 :class:`RewardError` naming the function, URL or model dir, and the sample: never a silent 0.
+For an endpoint, ``on_failure: drop`` instead scores the samples of a failed request NaN; the
+driver drops them from the step (orchestrator/rollouts.py ``drop_failed``) and counts them.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
 import json
+import logging
 import math
 import numbers
 import time
@@ -37,6 +40,8 @@ from dataclasses import dataclass, field
 from http.client import HTTPException
 
 from actors.group import SCATTER, Measured, dispatch
+
+log = logging.getLogger(__name__)
 
 KINDS = ("model", "function", "http")
 RETRY_HTTP = frozenset({408, 429, 500, 502, 503, 504})
@@ -65,6 +70,8 @@ class RewardSettings:
     timeout_s: float = 10.0         # kind http: seconds per attempt
     retries: int = 3                # kind http: attempts after the first one
     backoff_s: float = 0.5          # kind http: wait before the first retry, doubled each time
+    on_failure: str = "fail"        # kind http: a request that gives up fails the call, or
+                                    # ("drop") its samples score NaN, for the driver to drop
     micro_batch: int = 16           # model: sequences per forward; http: samples per request
     dtype: str = "float32"          # kind model: weights and activations
     cpus: float = 1.0               # CPUs per replica (torch threads for kind model)
@@ -91,6 +98,12 @@ class RewardSettings:
         for name, low in (("timeout_s", 0), ("micro_batch", 0), ("cpus", 0)):
             if not getattr(self, name) > low:
                 raise ValueError(f"reward.{name}: got {getattr(self, name)}, allowed: > {low}")
+        if self.on_failure not in ("fail", "drop"):
+            raise ValueError(f"reward.on_failure: got {self.on_failure!r}, allowed: fail, drop")
+        if self.on_failure == "drop" and self.kind != "http":
+            raise ValueError(f"reward.on_failure: 'drop' is for kind 'http' (an endpoint that may "
+                             f"be down); kind {self.kind!r} fails the call (a dead actor is "
+                             f"replaced by fault.max_restarts)")
         for name in ("retries", "backoff_s", "gpus"):
             if getattr(self, name) < 0:
                 raise ValueError(f"reward.{name}: got {getattr(self, name)}, allowed: >= 0")
@@ -164,31 +177,45 @@ def _keywords(fn) -> tuple[set[str] | None, set[str]]:
 class HttpReward:
     """Kind http: a remote endpoint, retried with backoff."""
 
-    def __init__(self, url: str, timeout_s: float, retries: int, backoff_s: float, micro_batch: int):
+    def __init__(self, url: str, timeout_s: float, retries: int, backoff_s: float, micro_batch: int,
+                 on_failure: str = "fail"):
         self.url, self.timeout_s, self.retries = url, timeout_s, retries
-        self.backoff_s, self.micro_batch = backoff_s, micro_batch
+        self.backoff_s, self.micro_batch, self.on_failure = backoff_s, micro_batch, on_failure
         self.source = f"reward endpoint {url}"
 
     def score(self, samples: list[RewardSample]) -> list[float]:
+        """One reward per sample; with ``on_failure: drop`` the samples of a request that
+        failed (after its retries, or with an answer that cannot be read) score NaN: never a
+        reward the policy would learn from."""
         out = []
         for part in _chunks(len(samples), self.micro_batch):
             batch = [samples[i] for i in part]
             try:
-                body = json.dumps({"prompts": [s.prompt for s in batch],
-                                   "responses": [s.response for s in batch],
-                                   "extra": [s.extra for s in batch]}).encode()
-            except (TypeError, ValueError) as exc:
-                raise RewardError(f"{self.source}: samples {part.start}-{part.stop - 1} cannot be "
-                                  f"sent as JSON ({exc})") from None
-            answer = self._post(body)
-            rewards = answer.get("rewards") if isinstance(answer, dict) else None
-            if not isinstance(rewards, list):
-                raise RewardError(f"{self.source}: answer has no 'rewards' list: {str(answer)[:200]}")
-            if len(rewards) != len(batch):
-                raise RewardError(f"{self.source}: answered {len(rewards)} rewards for {len(batch)} "
-                                  f"samples ({_label(batch[0], part.start)} onwards)")
-            out += [_reward(r, self.source, s, i) for r, s, i in zip(rewards, batch, part)]
+                out += self._score_request(batch, part)
+            except RewardError as exc:
+                if self.on_failure != "drop":
+                    raise
+                log.warning("%s; samples %d-%d dropped (reward.on_failure: drop)", exc,
+                            part.start, part.stop - 1)
+                out += [math.nan] * len(batch)
         return out
+
+    def _score_request(self, batch: list[RewardSample], part: range) -> list[float]:
+        try:
+            body = json.dumps({"prompts": [s.prompt for s in batch],
+                               "responses": [s.response for s in batch],
+                               "extra": [s.extra for s in batch]}).encode()
+        except (TypeError, ValueError) as exc:
+            raise RewardError(f"{self.source}: samples {part.start}-{part.stop - 1} cannot be "
+                              f"sent as JSON ({exc})") from None
+        answer = self._post(body)
+        rewards = answer.get("rewards") if isinstance(answer, dict) else None
+        if not isinstance(rewards, list):
+            raise RewardError(f"{self.source}: answer has no 'rewards' list: {str(answer)[:200]}")
+        if len(rewards) != len(batch):
+            raise RewardError(f"{self.source}: answered {len(rewards)} rewards for {len(batch)} "
+                              f"samples ({_label(batch[0], part.start)} onwards)")
+        return [_reward(r, self.source, s, i) for r, s, i in zip(rewards, batch, part)]
 
     def _post(self, body: bytes):
         attempts, cause = self.retries + 1, ""
@@ -282,7 +309,7 @@ def make_reward(settings: RewardSettings):
         return FunctionReward(settings.function)
     if settings.kind == "http":
         return HttpReward(settings.url, settings.timeout_s, settings.retries, settings.backoff_s,
-                          settings.micro_batch)
+                          settings.micro_batch, settings.on_failure)
     import torch
     device = "cuda" if settings.gpus > 0 and torch.cuda.is_available() else "cpu"
     return ModelReward(settings.model_path, settings.micro_batch, settings.dtype, device)

@@ -180,6 +180,10 @@ class RewardConfig(RoleConfig):
     url: Optional[str] = param(None, "kind http: endpoint taking {prompts, responses, extra}")
     timeout_s: float = param(10.0, "kind http: seconds per attempt", gt=0)
     retries: int = param(3, "kind http: attempts after the first", ge=0)
+    on_failure: str = param("fail", "kind http: a request still failing after its retries fails "
+                                    "the step (fail), or its samples are left out of the step "
+                                    "and counted in reward/dropped (drop; a prompt's whole group "
+                                    "goes)", choices=("fail", "drop"))
     micro_batch: int = param(16, "model: sequences per forward; http: samples per request", ge=1)
     colocate_with: Optional[str] = colocation("critic", "policy")
 
@@ -489,6 +493,10 @@ class RunConfig:
         need = {"model": "model_path", "function": "function", "http": "url"}[self.reward.kind]
         if not getattr(self.reward, need):
             raise ConfigError(f"reward.{need}: required when reward.kind is {self.reward.kind!r}")
+        if self.reward.on_failure == "drop" and self.reward.kind != "http":
+            raise ConfigError(f"reward.on_failure: 'drop' is for reward.kind 'http' (an endpoint "
+                              f"that may be down); kind {self.reward.kind!r} fails the call, and "
+                              f"a dead reward actor is replaced (fault.max_restarts)")
 
     def check_paths(self, pending: tuple[str, ...] = ()) -> None:
         """Check that the files the run reads exist (done before any actor starts); keys in

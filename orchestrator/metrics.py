@@ -44,21 +44,25 @@ class MetricsLog:
         with self.path.open("a") as fh:
             fh.write(json.dumps(row, allow_nan=True) + "\n")
         if "batch/rows" in metrics:
-            self.log_rows(step, metrics["batch/rows"], metrics.get("batch/samples_per_row", 1))
+            self.log_rows(step, metrics["batch/rows"], metrics.get("batch/samples_per_row", 1),
+                          metrics.get("batch/dropped_rows"))
         if self.tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(k, v, step)
 
-    def log_rows(self, step: int, rows: list, samples_per_row: int = 1) -> None:
+    def log_rows(self, step: int, rows: list, samples_per_row: int = 1,
+                 dropped: list | None = None) -> None:
         """The ledger line of a step (once: a step whose update is done may log it before its
-        metrics row)."""
+        metrics row): the rows trained on, and those drawn but dropped (a failed reward)."""
         if step <= self.ledger_step:
             return
         self.ledger_step = step
+        line = {"step": step, "rows": rows, "samples_per_row": samples_per_row}
+        if dropped:
+            line["dropped"] = dropped
         with self.ledger.open("a") as fh:
-            fh.write(json.dumps({"step": step, "rows": rows, "samples_per_row": samples_per_row})
-                     + "\n")
+            fh.write(json.dumps(line) + "\n")
 
     def rewind(self, step: int) -> None:
         """Forget the steps after ``step`` (a run rewound to a checkpoint after losing a trainer

@@ -58,7 +58,8 @@ class PairUpdate:
     def __init__(self, cfg, roles, ro, rewards: torch.Tensor, ref_lp: list[list[float]]):
         self.cfg, self.roles, k = cfg, roles, cfg.rl.group_size
         scores = rewards.tolist()
-        usable = [s.finish_reason != "skipped" for s in ro.samples]
+        usable = [s.finish_reason not in ("skipped", "dropped") for s in ro.samples]
+        dropped = sum(ro.samples[g * k].finish_reason == "dropped" for g in range(len(ro.prompts)))
         pairs, ref, chosen_r, rejected_r = [], [], [], []
         for g, pick in enumerate(best_worst(scores, k, usable)):
             if pick is None:
@@ -75,7 +76,7 @@ class PairUpdate:
         mask = pad_tokens([[1.0] * len(s.response_ids) for s in ro.samples]).bool()
         engine_lp = pad_tokens([s.logprobs for s in ro.samples], mask.shape[1])
         kl = kl_per_token(cfg.rl.kl_estimator, engine_lp, pad_tokens(ref_lp, mask.shape[1]), mask)
-        self.stats = {"pairs/ties": len(ro.prompts) - len(pairs),
+        self.stats = {"pairs/ties": len(ro.prompts) - len(pairs) - dropped,
                       "kl": (kl.sum() / mask.sum().clamp(min=1)).item()}
         if pairs:
             self.stats.update({"reward/chosen": sum(chosen_r) / len(pairs),

@@ -15,6 +15,7 @@ step's batch generated while this one trains, belong to the rollout pipeline
 from __future__ import annotations
 
 import logging
+import math
 import time
 from statistics import mean
 
@@ -32,7 +33,7 @@ from orchestrator.online_pairs import PairUpdate
 from orchestrator.recovery import Injector, Recovery, Rewound
 from orchestrator.rl_losses import explained_variance
 from orchestrator.roles import RLRoles
-from orchestrator.rollouts import Rollout, RolloutPipeline, Scores, reward_records
+from orchestrator.rollouts import Rollout, RolloutPipeline, Scores, drop_failed, reward_records
 from orchestrator.sampler import ResumableSampler
 from orchestrator.session import RunSession, TrainResult
 from orchestrator.storage import RunStorage
@@ -151,8 +152,12 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         samples = roles.rollout.run("generate", [p.prompt_ids for p in held_out],
                                     dict(pipe.sampling, n=1, seed=cfg.train.seed))
         records = reward_records(tokenizer, held_out, samples)
-        out = {"eval/reward": mean(roles.reward.run("score", records)),
+        scores = roles.reward.run("score", records)
+        kept = [x for x in scores if not math.isnan(x)]  # NaN: dropped by reward.on_failure
+        out = {"eval/reward": mean(kept) if kept else math.nan,
                "eval/response_tokens": mean(len(s.response_ids) for s in samples)}
+        if len(kept) < len(scores):
+            out["eval/reward_dropped"] = len(scores) - len(kept)
         if gold is not None:
             out["eval/gold_reward"] = mean(float(gold(r.prompt, r.response)) for r in records)
         return out
@@ -171,14 +176,16 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         with timer.phase("score"):
             scored = pipe.scores(ro)
         with timer.phase("other"):
+            ro, scored, dropped = drop_failed(ro, scored, cfg.rl.group_size, step)
             update = make_update(cfg, roles, ro, scored)
         with timer.phase("train"):  # policy (and critic) update
             session.update_started()
             refs = update.submit()
             pipe.during_update(refs)
             row = update.gather(refs)
-        session.update_done(step, pipe.resume_state(), [p.row for p in ro.prompts],
-                            cfg.rl.group_size)
+        session.update_done(step, pipe.resume_state(),
+                            [p.row for p in ro.prompts if p.row not in dropped],
+                            cfg.rl.group_size, dropped)
         return ro, scored, row
 
     def sync(step: int) -> None:
@@ -241,7 +248,16 @@ def make_update(cfg, roles, ro: Rollout, scored: Scores):
 
 
 def step_metrics(ro: Rollout, rewards: torch.Tensor, group_size: int) -> dict:
-    return {"batch/rows": [p.row for p in ro.prompts],  # which prompt rows the step used
-            "batch/samples_per_row": group_size,
-            "reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
-            "response/length": mean(len(s.response_ids) for s in ro.samples)}
+    """The step's rows and its samples' reward and length; samples dropped for a failed reward
+    (``drop_failed``) are counted, not averaged in."""
+    kept = [i for i, s in enumerate(ro.samples) if s.finish_reason != "dropped"]
+    dropped = {ro.prompts[i // group_size].row for i in range(len(ro.samples))} - \
+        {ro.prompts[i // group_size].row for i in kept}
+    row = {"batch/rows": [p.row for p in ro.prompts if p.row not in dropped],  # rows trained on
+           "batch/samples_per_row": group_size,
+           "reward/mean": rewards[kept].mean().item(), "reward/std": rewards[kept].std().item(),
+           "response/length": mean(len(ro.samples[i].response_ids) for i in kept)}
+    if dropped:
+        row.update({"reward/dropped": len(ro.samples) - len(kept),
+                    "batch/dropped_rows": sorted(dropped)})
+    return row

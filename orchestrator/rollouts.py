@@ -46,6 +46,36 @@ class Scores(NamedTuple):
     values: list[list[float]] | None   # the critic's (PPO)
 
 
+def drop_failed(ro: Rollout, scored: Scores, group: int, step: int
+                ) -> tuple[Rollout, Scores, list]:
+    """Leave out of the update the prompts with a sample the reward endpoint failed to score
+    (NaN, ``reward.on_failure: drop``): all ``group`` samples of such a prompt, since a
+    group's advantages are relative to each other. Their responses become empty (no token to
+    train, as for a skipped prompt) with reward 0 and no per-token values. Returns the rollout
+    and scores to train on and the dropped prompts' dataset rows; RewardError when no prompt
+    is left."""
+    from actors.reward import RewardError
+    from actors.rollout import RolloutSample
+    bad = torch.isnan(scored.rewards)
+    if not bad.any():
+        return ro, scored, []
+    groups = sorted({i // group for i in bad.nonzero().flatten().tolist()})
+    if len(groups) == len(ro.prompts):
+        raise RewardError(f"step {step}: the reward endpoint failed for a sample of every prompt "
+                          f"(reward.on_failure: drop leaves nothing to train on); see the "
+                          f"reward actor's log for the cause")
+    samples, rewards = list(ro.samples), scored.rewards.clone()
+    lists = [None if x is None else list(x) for x in (scored.reference, scored.old, scored.values)]
+    for i in (i for g in groups for i in range(g * group, (g + 1) * group)):
+        samples[i] = RolloutSample(samples[i].prompt_ids, [], [], "dropped")
+        rewards[i] = 0.0
+        for per_token in lists:
+            if per_token is not None:
+                per_token[i] = []
+    kept = Rollout(ro.prompts, ro.sampler_state, ro.generating, samples, ro.scoring)
+    return kept, Scores(rewards, *lists), [ro.prompts[g].row for g in groups]
+
+
 def first_done(*calls: list) -> int:
     """Block until every ref of one of ``calls`` is ready; the index of that call."""
     pending = [ref for call in calls for ref in call]

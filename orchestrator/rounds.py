@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 from pathlib import Path
 
@@ -99,8 +100,11 @@ def make_pairs(cfg) -> dict:
         stop_group(rollout)
         if reward is not None:
             stop_group(reward)
-    # a response empty as text (EOS at once) cannot be a row of a preference file: left out
-    usable = [s.finish_reason != "skipped" and t.strip() != "" for s, t in zip(samples, texts)]
+    # a response empty as text (EOS at once) cannot be a row of a preference file: left out,
+    # as is one the reward endpoint failed to score (NaN, reward.on_failure: drop)
+    usable = [s.finish_reason != "skipped" and t.strip() != "" and not math.isnan(x)
+              for s, t, x in zip(samples, texts, scores)]
+    scored = [x for x in scores if not math.isnan(x)]
     rows = []
     for g, pick in enumerate(best_worst(scores, k, usable)):
         if pick is not None:
@@ -114,10 +118,11 @@ def make_pairs(cfg) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / PAIRS).write_text("".join(json.dumps(r) + "\n" for r in rows))
     record = {"round": i, "prompts": len(todo), "pairs": len(rows), "ties": len(todo) - len(rows),
-              "empty_responses": usable.count(False),
+              "empty_responses": usable.count(False) - (len(scores) - len(scored)),
+              "reward_dropped": len(scores) - len(scored),
               "reward_chosen": sum(r["reward_chosen"] for r in rows) / len(rows),
               "reward_rejected": sum(r["reward_rejected"] for r in rows) / len(rows),
-              "reward_mean": sum(scores) / len(scores)}
+              "reward_mean": sum(scored) / max(1, len(scored))}
     (out / DONE).write_text(json.dumps(record, indent=1))
     record["usage"] = {g.role: g.usage() for g in (rollout, reward)}
     log.info("round %d: %d pairs from %d prompts (%d ties), reward of samples %.3f", i,

@@ -197,13 +197,13 @@ class RunSession:
         self.updating = True
 
     def update_done(self, step: int, sampler_state: dict, rows: list | None = None,
-                    samples_per_row: int = 1) -> None:
+                    samples_per_row: int = 1, dropped: list | None = None) -> None:
         """The trainers finished step ``step``'s update on dataset ``rows`` (before its weight
-        sync and its :meth:`end_step`): the ledger records the rows now, and a failure from
-        here on checkpoints that step."""
+        sync and its :meth:`end_step`): the ledger records the rows now (and those drawn but
+        ``dropped``), and a failure from here on checkpoints that step."""
         self.updating, self.pending = False, (step, sampler_state)
         if rows is not None:
-            self.metrics.log_rows(step, rows, samples_per_row)
+            self.metrics.log_rows(step, rows, samples_per_row, dropped)
 
     @contextmanager
     def steps(self):

@@ -54,3 +54,42 @@ def test_a_role_that_keeps_failing_stops_the_run_with_a_checkpoint(grpo_config, 
     assert "role reward rank 0" in message and "1 replacement(s) (fault.max_restarts) are spent" \
         in message
     assert "checkpoint of the last completed step written" in message and "step-0000002" in message
+
+
+@pytest.mark.parametrize("on_failure", ["drop", "fail"])
+def test_reward_endpoint_that_fails_drops_and_counts_or_stops(grpo_config, tmp_path, serve,
+                                                              on_failure):
+    """An HTTP reward endpoint that answers 500 to every 5th request (one prompt's group per
+    request, no retries): with on_failure drop the run completes, each step's failed groups are
+    left out, counted, and named in the ledger, and no dropped sample is scored; with fail the
+    run stops naming the endpoint."""
+    from actors.reward import RewardError
+    from orchestrator.synthetic import reward
+
+    def every_fifth_down(n, body):
+        if n % 5 == 2:
+            return 500, {"error": "overloaded"}
+        return 200, {"rewards": [reward(p, r) for p, r in zip(body["prompts"], body["responses"])]}
+
+    with serve(every_fifth_down) as (url, calls):
+        cfg = RunConfig.from_dict(grpo_config(
+            tmp_path / "run", train={"max_steps": 3},
+            reward={"kind": "http", "function": None, "url": url, "retries": 0, "micro_batch": 4,
+                    "on_failure": on_failure}))
+        if on_failure == "fail":
+            with pytest.raises(RewardError, match=f"reward endpoint {url}: no answer after 1 "
+                                                  f"attempt"):
+                train(cfg)
+            return
+        result = train(cfg)
+    steps = {r["step"]: r for r in rows(result.run_dir) if "timing/step" in r}
+    assert sorted(steps) == [1, 2, 3]
+    dropped = sum(r.get("reward/dropped", 0) for r in steps.values())
+    assert dropped == 4 * sum(len(r.get("batch/dropped_rows", [])) for r in steps.values()) > 0
+    ledger = [json.loads(line) for line in (result.run_dir / "ledger.jsonl").read_text()
+              .splitlines()]
+    for entry, step in zip(ledger, sorted(steps)):
+        assert entry["rows"] == steps[step]["batch/rows"]
+        assert entry.get("dropped", []) == steps[step].get("batch/dropped_rows", [])
+        assert len(entry["rows"]) + len(entry.get("dropped", [])) == 8  # rl.prompts_per_step
+    assert all(r["reward/mean"] == r["reward/mean"] for r in steps.values())  # no NaN averaged

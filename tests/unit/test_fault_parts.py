@@ -146,6 +146,8 @@ def test_fault_inject_names_roles_and_steps():
         RunConfig.from_yaml(GRPO, ["fault.inject=policy:one@2"])
     with pytest.raises(ConfigError, match=r"fault.inject: policy has no rank 1 \(policy.actors=1\)"):
         RunConfig.from_yaml(GRPO, ["fault.inject=policy:1@2"])
+    with pytest.raises(ConfigError, match="reward.on_failure: 'drop' is for reward.kind 'http'"):
+        RunConfig.from_yaml(GRPO, ["reward.on_failure=drop"])
 
 
 def test_recovery_replaces_up_to_the_budget():
@@ -215,3 +217,34 @@ def test_a_lost_trainer_rank_rebuilds_its_role_and_rewinds(ckpt):
         with recovery.trainers(step=5):
             raise other
     assert err.value is other
+
+
+def test_drop_failed_leaves_out_whole_groups_of_a_failed_reward():
+    from actors.reward import RewardError
+    from actors.rollout import RolloutSample
+    from orchestrator.rollouts import Rollout, Scores, drop_failed
+    prompts = [SimpleNamespace(row=r) for r in (11, 12, 13)]
+    samples = [RolloutSample([1, 2], [5] * (i + 1), [-0.5] * (i + 1), "stop") for i in range(6)]
+    ro = Rollout(prompts, {}, [], samples)
+    per_token = [[0.1] * (i + 1) for i in range(6)]
+    nan = float("nan")
+    scored = Scores(torch.tensor([1.0, 2.0, 3.0, nan, 5.0, 6.0]), per_token, None, per_token)
+    kept, scores, dropped = drop_failed(ro, scored, group=2, step=3)
+    assert dropped == [12]  # the group of sample 3: samples 2 and 3
+    assert [s.finish_reason for s in kept.samples] == ["stop", "stop", "dropped", "dropped",
+                                                       "stop", "stop"]
+    assert kept.samples[2].response_ids == [] and kept.samples[3].logprobs == []
+    assert scores.rewards.tolist() == [1.0, 2.0, 0.0, 0.0, 5.0, 6.0]
+    assert scores.reference[2] == [] and scores.values[3] == [] and scores.old is None
+    assert ro.samples[2].response_ids == [5, 5, 5] and per_token[2] == [0.1] * 3  # not mutated
+    # the metrics average the kept samples only and name the dropped rows
+    from orchestrator.rl_loop import step_metrics
+    row = step_metrics(kept, scores.rewards, 2)
+    assert row["batch/rows"] == [11, 13] and row["batch/dropped_rows"] == [12]
+    assert row["reward/dropped"] == 2 and row["reward/mean"] == pytest.approx(3.5)
+    clean = Scores(torch.tensor([1.0] * 6), per_token, None, None)
+    assert drop_failed(ro, clean, 2, 3) == (ro, clean, [])
+    everything = Scores(torch.tensor([nan, 1, nan, 1, 1, nan]), per_token, None, None)
+    with pytest.raises(RewardError, match="step 3: the reward endpoint failed for a sample of "
+                                          "every prompt"):
+        drop_failed(ro, everything, 2, 3)

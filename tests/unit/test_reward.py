@@ -134,6 +134,8 @@ def test_function_that_cannot_be_imported():
     ({"kind": "model", "model_path": "m", "micro_batch": 0}, "reward.micro_batch"),
     ({"kind": "model", "model_path": "m", "dtype": "fp8"}, "reward.dtype"),
     ({"kind": "function", "function": ":reward"}, "reward.function: got"),
+    ({"kind": "http", "url": "http://x", "on_failure": "zero"}, "reward.on_failure: got"),
+    ({"kind": "function", "function": "m:f", "on_failure": "drop"}, "reward.on_failure: 'drop'"),
 ])
 def test_settings_check_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -188,6 +190,19 @@ def test_http_server_that_stays_down(serve):
     assert len(calls) == 3  # the first attempt and 2 retries
     assert f"reward endpoint {url}: no answer after 3 attempt(s)" in str(err.value)
     assert "last cause: HTTP 500" in str(err.value)
+
+
+def test_http_on_failure_drop_scores_the_failed_request_nan(serve):
+    """With on_failure drop, a request that gives up (here the second of three, after its one
+    retry) scores NaN for its samples, never a number; the other requests score as usual."""
+    def second_down(n, body):
+        return (500, {"error": "broken"}) if body["prompts"][0] == "p2" else word_count(n, body)
+    with serve(second_down) as (url, calls):
+        rows = [RewardSample(f"p{i}", "w " * i, {}) for i in range(5)]
+        got = http(url, retries=1, micro_batch=2, on_failure="drop").score(rows)
+    assert got[:2] == [0, 1] and got[4] == 4
+    assert math.isnan(got[2]) and math.isnan(got[3])
+    assert len(calls) == 4  # 1 + (1 + 1 retry) + 1
 
 
 def test_http_closed_port():
