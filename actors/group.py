@@ -103,18 +103,33 @@ class ActorGroup:
         self.deadline_s, self.deadline_per_row_s = deadline_s, deadline_per_row_s
         self._rows: dict = {}  # ref -> rows its call carried (for its deadline)
         self.final_usage: dict | None = None
-        remote_cls = ray.remote(cls)
-        self.actors = []
+        self._remote, self._init_args, self._env = ray.remote(cls), init_args, env
+        self.actors, self._where = [], []
         for rank in range(num_actors):
-            strategy = PlacementGroupSchedulingStrategy(placement_group=placement_group,
-                                                        placement_group_bundle_index=rank)
-            actor = remote_cls.options(
-                num_cpus=cpus, num_gpus=gpus, scheduling_strategy=strategy,
-                name=None, runtime_env={"env_vars": dict(env or {})} if env else None,
-            ).remote(rank, num_actors, *init_args)
-            self.actors.append(actor)
+            self.add(rank, num_actors, placement_group, rank)
+
+    def add(self, rank: int, world_size: int, placement_group, bundle_index: int):
+        """Start one more replica (constructed with ``rank, world_size, *init_args``) in that
+        bundle, last in the group; the handle. (Elastic rollout engines: orchestrator/elastic.py.)"""
+        strategy = PlacementGroupSchedulingStrategy(placement_group=placement_group,
+                                                    placement_group_bundle_index=bundle_index)
+        actor = self._remote.options(
+            num_cpus=self.cpus, num_gpus=self.gpus, scheduling_strategy=strategy, name=None,
+            runtime_env={"env_vars": dict(self._env)} if self._env else None,
+        ).remote(rank, world_size, *self._init_args)
+        self.actors.append(actor)
         # read when one fails (a class without Measured, e.g. a test's stand-in, says nothing)
-        self._where = [a.where.remote() for a in self.actors] if hasattr(cls, "where") else []
+        if hasattr(self.cls, "where"):
+            self._where.append(actor.where.remote())
+        return actor
+
+    def drop(self, actor) -> None:
+        """Kill one replica and take it out of the group (later calls go to the others)."""
+        i = self.actors.index(actor)
+        ray.kill(actor, no_restart=True)
+        del self.actors[i]
+        if self._where:
+            del self._where[i]
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -1,7 +1,7 @@
 """rayalign's driver side: config, data, loops, placement, checkpoints, metrics.
 
 Public API for driver scripts: :class:`RunConfig` (and its sections), :func:`train`,
-:class:`TrainResult`, :func:`pipeline`, :class:`ConfigError`.
+:class:`TrainResult`, :func:`pipeline`, :func:`scale`, :class:`ConfigError`.
 """
 from orchestrator.config import RunConfig
 from orchestrator.schema import ConfigError
@@ -19,4 +19,10 @@ def pipeline(path, overrides=()):
     return _pipeline(path, overrides)
 
 
-__all__ = ["RunConfig", "ConfigError", "train", "pipeline"]
+def scale(run_dir, rollout: int):
+    """Ask a running online run for ``rollout`` engines; see :func:`orchestrator.elastic.scale`."""
+    from orchestrator.elastic import scale as _scale
+    return _scale(run_dir, rollout)
+
+
+__all__ = ["RunConfig", "ConfigError", "train", "pipeline", "scale"]

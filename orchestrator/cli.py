@@ -1,4 +1,4 @@
-"""The ``rayalign`` command line: train, pipeline, compare, validate, generate, schema,
+"""The ``rayalign`` command line: train, pipeline, compare, validate, generate, scale, schema,
 tiny-model, synthetic-data."""
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-6; in a "
                                                     "pipeline, stage.key=value for one stage")
     sub.add_parser("schema", help="list every config key with its default, range and meaning")
+    sc = sub.add_parser("scale", help="change the number of rollout engines of a running online "
+                        "run (from its next step on)")
+    sc.add_argument("run_dir", help="the run's run_dir (local path, as the driver sees it)")
+    sc.add_argument("--rollout", type=int, required=True, help="rollout engines wanted (>= 1)")
     t = sub.add_parser("tiny-model", help="write a small Llama and a BPE tokenizer, no hub needed")
     t.add_argument("dir")
     t.add_argument("--size", default="tiny", choices=("tiny", "small", "base"))
@@ -105,6 +109,15 @@ def _kind(path: str) -> str:
 
 
 def _run(args) -> int:
+    if args.command == "scale":
+        from orchestrator.elastic import scale
+        try:
+            path = scale(args.run_dir, args.rollout)
+        except ValueError as exc:
+            raise ConfigError(f"--rollout: {exc}") from None
+        log.info("%s: %d rollout engine(s) asked for; the run applies it as its next step starts",
+                 path, args.rollout)
+        return 0
     kind = _kind(args.config) if args.command == "validate" else None
     if args.command == "compare" or kind == "comparison":
         from orchestrator.compare import load_comparison, run_comparison

@@ -83,7 +83,7 @@ class Recovery:
             log.warning("role %s rebuilt in %.1fs from %s; steps %d.. are trained again", role,
                         record["seconds"], ckpt or "the run's start", back + 1)
             raise Rewound(back)
-        self.roles.replace(role)
+        self.roles.replace(role, failure)
         record["seconds"] = time.perf_counter() - t0
         self.made.append(record)
         log.warning("role %s replaced in %.1fs; step %d goes on", role, record["seconds"], step)

@@ -26,6 +26,7 @@ from actors.runtime import load_tokenizer
 from orchestrator.advantages import compute_advantages, token_rewards
 from orchestrator.batches import RolloutBatch, pad_tokens
 from orchestrator.data import load_prompts
+from orchestrator.elastic import ElasticRollout
 from orchestrator.evaluate import load_reward_fn
 from orchestrator.kl import kl_per_token
 from orchestrator.metrics import PhaseTimer, combine_replicas
@@ -142,6 +143,7 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
     pipe = RolloutPipeline(cfg, roles, prompts, sampler, tokenizer, needs_old_logprobs(cfg))
     recovery = Recovery(cfg, roles, session, sampler)
     inject = Injector(cfg, roles, recovery)
+    roles.elastic = elastic = ElasticRollout(cfg, roles, session.run_dir, fresh=start == 0)
 
     def evaluate(step: int) -> dict:
         """The reward role's mean reward of one sample per held-out prompt; with a gold reward
@@ -197,6 +199,8 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
     def one_step(step: int) -> None:
         inject.before(step)
         t_step = time.perf_counter()
+        if elastic.reconcile():  # engines added or removed (rayalign scale, capacity back)
+            pipe.restart(session.sampler_state)  # a batch generated ahead is drawn again
         while True:
             try:
                 ro, scored, row = sample_and_update(step)
@@ -213,7 +217,8 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
             if step % cfg.weight_sync.every == 0:
                 sync(step)
         pipe.after_sync(step)
-        row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size), **recovery.pop(step),
+        row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size), **elastic.metrics(),
+                   **recovery.pop(step),
                    **timer.pop(), **{"timing/step": time.perf_counter() - t_step})
         session.end_step(step, row, pipe.resume_state(),
                          {"reward": f"{row['reward/mean']:.3f}", "kl": f"{row['kl']:.4f}"})

@@ -176,6 +176,8 @@ class RoleSet:
     def shutdown(self) -> None:
         for group in self.groups:
             group.kill()
+        if getattr(self, "elastic", None) is not None:
+            self.elastic.release()
         self.placement.release()
 
     def usage(self) -> dict:
@@ -293,9 +295,12 @@ class RLRoles(RoleSet):
     """Rollout, policy, critic (PPO), reference and reward groups, and the weight-sync group
     between the policy and the engines."""
 
+    SYNC_METHODS = ("update_weights", "check_update", "init_weight_sync")
+
     def __init__(self, cfg):
         super().__init__(cfg, Placement(cfg, cfg.roles()))
         placement = self.placement
+        self.elastic = None  # orchestrator/elastic.py, set by the loop that owns the run dir
         try:
             self.rollout = self._keep(_engines_started(placement.start(
                 "rollout", engine_class(cfg.rollout),
@@ -318,11 +323,21 @@ class RLRoles(RoleSet):
         connect_sync(self.policy, engines, cfg.weight_sync.timeout_s,
                      backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
 
-    def replace(self, name: str) -> ActorGroup:
+    def replace(self, name: str, failure=None) -> ActorGroup:
         """Kill role ``name``'s replicas (a dead or hung one among them) and start new ones in
         the same placement bundles; new engines join a new weight-sync group with the trainer
-        and receive its current weights. Rollout, reward and reference only."""
+        and receive its current weights. Rollout, reward and reference only. A rollout
+        ``failure`` outside a weight sync replaces only its engine (orchestrator/elastic.py),
+        or, with no capacity left for it, goes on with the others."""
         cfg = self.cfg
+        if name == "rollout" and failure is not None and self.elastic is not None \
+                and failure.method not in self.SYNC_METHODS \
+                and not getattr(cfg.rollout, "colocate_with", None):
+            self.elastic.lose(failure.rank)
+            self.elastic.reconcile(wait_s=cfg.cluster.placement_timeout_s)
+            if len(self.rollout) == 0:
+                raise failure
+            return self.rollout
         if name == "reference":
             return super().replace(name)
         if name == "reward":
@@ -331,6 +346,8 @@ class RLRoles(RoleSet):
             return new
         new = _engines_started(self._restart(
             "rollout", engine_class(cfg.rollout), (rollout_settings(cfg.model, cfg.rollout),)))
+        if self.elastic is not None:
+            self.elastic.adopt()  # added engines come back as the next step starts
         self._connect_sync(new)
         sync_weights(self.policy, new, cfg.weight_sync.bucket_bytes)
         return new

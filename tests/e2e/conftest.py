@@ -6,6 +6,7 @@ import copy
 import pytest
 
 from orchestrator import RunConfig
+from orchestrator.sampler import ResumableSampler
 from orchestrator.synthetic import write_dataset
 from orchestrator.tiny_model import build_model
 
@@ -71,3 +72,15 @@ def grpo_config(assets):
             data[key] = {**data.get(key, {}), **value}
         return data
     return make
+
+
+@pytest.fixture
+def drawn_rows(assets):
+    """``drawn_rows(cfg)``: the prompt rows an uninterrupted online run of config dict ``cfg``
+    draws, step by step (every prompt of the synthetic train file kept: row i + 1 is prompt i)."""
+    def rows(cfg: dict) -> list:
+        n = sum(1 for _ in open(assets["train"]))
+        sampler = ResumableSampler(n, cfg.get("train", {}).get("seed", 0))
+        return [[i + 1 for i in sampler.next_batch(cfg["rl"]["prompts_per_step"])]
+                for _ in range(cfg["train"]["max_steps"])]
+    return rows

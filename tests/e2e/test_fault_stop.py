@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.sampler import ResumableSampler
 from orchestrator.storage import MARKER
 
 pytestmark = pytest.mark.e2e
@@ -100,16 +99,8 @@ def trained_rows(run: Run) -> list:
     return [r["batch/rows"] for r in sorted(run.steps(), key=lambda r: r["step"])]
 
 
-def uninterrupted_rows(assets, cfg: dict) -> list:
-    """The prompt rows an uninterrupted run draws, step by step (every prompt kept, so row
-    i + 1 is prompt i)."""
-    n = sum(1 for _ in open(assets["train"]))
-    sampler = ResumableSampler(n, cfg.get("train", {}).get("seed", 0))
-    return [[i + 1 for i in sampler.next_batch(cfg["rl"]["prompts_per_step"])]
-            for _ in range(cfg["train"]["max_steps"])]
-
-
-def test_sigterm_stops_after_the_step_with_a_checkpoint(assets, tmp_path, grpo_config):
+def test_sigterm_stops_after_the_step_with_a_checkpoint(assets, tmp_path, grpo_config,
+                                                      drawn_rows):
     cfg = grpo_config(tmp_path / "run")
     run = Run(cfg, tmp_path).start()
     run.wait_for_step(3)
@@ -124,11 +115,11 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(assets, tmp_path, grpo_c
     assert code == 0, again[-3000:]
     assert f"at step {stopped}" in again  # "resumed from ... at step N"
     # the two processes together trained on exactly the rows an uninterrupted run would have
-    assert trained_rows(run) == uninterrupted_rows(assets, cfg)
+    assert trained_rows(run) == drawn_rows(cfg)
 
 
 def test_killed_reward_actor_checkpoints_the_last_step_and_resumes(assets, tmp_path,
-                                                                  grpo_config):
+                                                                  grpo_config, drawn_rows):
     # without replacements in place (fault.max_restarts 0) a failure ends the run
     cfg = grpo_config(tmp_path / "run", fault={"max_restarts": 0})
     run = Run(cfg, tmp_path).start()
@@ -146,12 +137,12 @@ def test_killed_reward_actor_checkpoints_the_last_step_and_resumes(assets, tmp_p
     code, again = run.rerun()
     assert code == 0, again[-3000:]
     assert f"at step {done}" in again
-    assert trained_rows(run) == uninterrupted_rows(assets, cfg)
+    assert trained_rows(run) == drawn_rows(cfg)
 
 
 @pytest.mark.parametrize("restarts", [0, 1])
 def test_frozen_rollout_engine_is_named_by_its_deadline(assets, tmp_path, restarts,
-                                                        grpo_config):
+                                                        grpo_config, drawn_rows):
     """Without replacements the run stops with a checkpoint; with one, a new engine takes over
     and the run completes."""
     # frozen mid-sync, the trainer's send waits out the sync group's timeout before it goes on
@@ -171,7 +162,7 @@ def test_frozen_rollout_engine_is_named_by_its_deadline(assets, tmp_path, restar
         assert named in out and f"pid {pid}): no answer within 10s" in out
         assert "replacing role rollout in place (1 of 1)" in out
         assert max(r["step"] for r in run.steps()) == cfg["train"]["max_steps"]
-        assert trained_rows(run) == uninterrupted_rows(assets, cfg)
+        assert trained_rows(run) == drawn_rows(cfg)
         return
     assert code == 4, out[-3000:]
     assert time.monotonic() - t0 < 90  # the 10 s deadline, the checkpoint and the teardown
@@ -207,7 +198,8 @@ def test_killed_policy_rank_names_it_and_points_at_the_newest_checkpoint(make_co
     assert f"resume point: the newest checkpoint, {checkpoint(cfg.run_dir, newest)}" in line
 
 
-def test_async_run_killed_and_resumed_trains_every_row_once(assets, tmp_path, grpo_config):
+def test_async_run_killed_and_resumed_trains_every_row_once(assets, tmp_path, grpo_config,
+                                                          drawn_rows):
     """The driver of an async run (a batch always generated ahead) killed with its Ray: the
     re-run resumes from the newest checkpoint, draws the batch that was in flight again, and
     the ledger holds each step's rows once, as an uninterrupted run draws them."""
@@ -223,5 +215,5 @@ def test_async_run_killed_and_resumed_trains_every_row_once(assets, tmp_path, gr
     ledger = [json.loads(line) for line in
               (Path(cfg["run_dir"]) / "ledger.jsonl").read_text().splitlines()]
     assert [e["step"] for e in ledger] == list(range(1, cfg["train"]["max_steps"] + 1))
-    assert [e["rows"] for e in ledger] == uninterrupted_rows(assets, cfg)
+    assert [e["rows"] for e in ledger] == drawn_rows(cfg)
     assert all(e["samples_per_row"] == cfg["rl"]["group_size"] for e in ledger)

@@ -153,7 +153,8 @@ def test_fault_inject_names_roles_and_steps():
 def test_recovery_replaces_up_to_the_budget():
     from orchestrator.recovery import Recovery
     replaced = []
-    roles = SimpleNamespace(replace=replaced.append, trainables=[SimpleNamespace(role="policy")])
+    roles = SimpleNamespace(replace=lambda role, failure: replaced.append(role),
+                            trainables=[SimpleNamespace(role="policy")])
     cfg = RunConfig.from_yaml(GRPO, ["fault.max_restarts=1"])
     recovery = Recovery(cfg, roles)
     dead = RoleFailure("reward", 0, "n", 7, "process died", "score")
@@ -186,7 +187,7 @@ def test_a_lost_trainer_rank_rebuilds_its_role_and_rewinds(ckpt):
     from orchestrator.recovery import Recovery, Rewound
     rebuilt = []
     trainables = [SimpleNamespace(role="policy"), SimpleNamespace(role="critic")]
-    roles = SimpleNamespace(trainables=trainables, replace=rebuilt.append,
+    roles = SimpleNamespace(trainables=trainables, replace=lambda role, failure: None,
                             replace_trainers=lambda names, method: rebuilt.append((names, method)))
     session = FakeSession(ckpt)
     recovery = Recovery(RunConfig.from_yaml(GRPO, ["fault.max_restarts=1"]), roles, session,
