@@ -154,6 +154,13 @@ class ActorGroup:
             self._rows[ref] = len(shard) if hasattr(shard, "__len__") else 1
         return refs
 
+    def call(self, actor, method: str, shard, *args, **kwargs):
+        """One replica's part of a SCATTER call, started on ``actor`` (a member): its ref, whose
+        deadline counts the rows of ``shard``."""
+        ref = getattr(actor, method).remote(shard, *args, **kwargs)
+        self._rows[ref] = len(shard)
+        return ref
+
     def deadline(self, refs: list) -> float:
         """Seconds a wait on ``refs`` may take: the role's base plus its per-row share."""
         return self.deadline_s + self.deadline_per_row_s * max(
@@ -202,40 +209,42 @@ class ActorGroup:
 
 
 def wait_calls(calls: list[tuple[ActorGroup, str, list]], keep_errors: bool = False) -> list[list]:
-    """Wait for several group calls together, each (group, method, refs in rank order); their
-    results. Raises :class:`RoleFailure` for the first replica seen dead, or the first call not
-    done within its group's deadline (a hung replica). A method's own exception propagates at
-    once (its peers in a collective would wait for it), or with ``keep_errors`` takes its
-    result's place."""
-    start, owner, results = time.monotonic(), {}, [[None] * len(refs) for _, _, refs in calls]
-    for c, (group, _, refs) in enumerate(calls):
-        for rank, ref in enumerate(refs):
-            owner[ref] = (c, rank)
-    ends = [start + group.deadline(refs) for group, _, refs in calls]
+    """Wait for several group calls together, each (group, method, refs in rank order) or
+    (group, method, refs, the rank of each ref's replica); their results. Raises
+    :class:`RoleFailure` for the first replica seen dead, or the first call not done within its
+    group's deadline (a hung replica). A method's own exception propagates at once (its peers
+    in a collective would wait for it), or with ``keep_errors`` takes its result's place."""
+    start, owner = time.monotonic(), {}
+    results = [[None] * len(call[2]) for call in calls]
+    for c, call in enumerate(calls):
+        ranks = call[3] if len(call) > 3 else range(len(call[2]))
+        for i, (ref, rank) in enumerate(zip(call[2], ranks)):
+            owner[ref] = (c, i, rank)
+    ends = [start + call[0].deadline(call[2]) for call in calls]
     pending = list(owner)
     try:
         while pending:
             now = time.monotonic()
             late = [ref for ref in pending if ends[owner[ref][0]] <= now]
             if late:
-                c, rank = owner[late[0]]
-                group, method, refs = calls[c]
+                c, _, rank = owner[late[0]]
+                group, method = calls[c][:2]
                 raise group.failure(rank, f"no answer within {ends[c] - start:.0f}s (hung, or "
                                           f"slower than {group.role}.deadline_s allows)", method)
             wait = min(ends[owner[ref][0]] for ref in pending) - now
             ready, pending = ray.wait(pending, num_returns=1, timeout=wait, fetch_local=False)
             for ref in ready:
-                c, rank = owner[ref]
-                group, method, _ = calls[c]
+                c, i, rank = owner[ref]
+                group, method = calls[c][:2]
                 try:
-                    results[c][rank] = ray.get(ref)
+                    results[c][i] = ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
                     raise group.failure(rank, death_cause(exc), method) from None
                 except ray.exceptions.RayTaskError as exc:
                     if not keep_errors:
                         raise
-                    results[c][rank] = exc
+                    results[c][i] = exc
     finally:
-        for group, _, refs in calls:
-            group.forget(refs)
+        for call in calls:
+            call[0].forget(call[2])
     return results

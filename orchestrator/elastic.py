@@ -86,6 +86,7 @@ class Slot:
     rank: int
     own: bool
     actor: object | None = None
+    lost: object | None = None  # the engine this slot held before it was lost
 
 
 class ElasticRollout:
@@ -120,7 +121,14 @@ class ElasticRollout:
         group.drop(actor)
         for s in self.slots:
             if s.actor is actor:
-                s.actor = None
+                s.actor, s.lost = None, actor
+
+    def successor(self, actor):
+        """The engine started in the slot that ``actor`` (lost) held; None if none yet."""
+        for s in self.slots:
+            if s.lost is actor and s.actor is not None:
+                return s.actor
+        return None
 
     def metrics(self) -> dict:
         return {"rollout/engines": len(self.roles.rollout), "rollout/engines_wanted": self.want}

@@ -1,11 +1,14 @@
 """Recovery in place: a dead or hung replica of any role is replaced while the run goes on, up
 to ``fault.max_restarts`` times per role.
 
-A rollout engine, reward or reference replica: its group is replaced and the step under way is
-taken again from its start (the same prompts, drawn again from the sampler position before it;
-the same sampling seed), so at depth 0 it samples what it would have sampled; a batch generated
-ahead (``rl.async_rollout``) is dropped and generated again with the current weights. New
-engines get the trainer's current weights before they serve.
+A rollout engine lost while generating the step's batch: that engine alone is replaced
+(orchestrator/elastic.py; same rank and seed) and only its share of the prompts is generated
+again (orchestrator/rollouts.py). Any other loss of an engine, reward or reference replica: its
+group is replaced and the step under way is taken again from its start (the same prompts, drawn
+again from the sampler position before it; the same sampling seed), so at depth 0 it samples
+what it would have sampled; a batch generated ahead (``rl.async_rollout``) is dropped and
+generated again with the current weights. New engines get the trainer's current weights before
+they serve.
 
 A trainer rank (policy, critic): its state is gone and its peers' is past any step a run could
 go on from, so the role's world is rebuilt (new group, new DeepSpeed world) and every trainer

@@ -144,6 +144,7 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
     recovery = Recovery(cfg, roles, session, sampler)
     inject = Injector(cfg, roles, recovery)
     roles.elastic = elastic = ElasticRollout(cfg, roles, session.run_dir, fresh=start == 0)
+    pipe.recover = recovery.recover  # an engine lost mid-generation: only its share again
 
     def evaluate(step: int) -> dict:
         """The reward role's mean reward of one sample per held-out prompt; with a gold reward
@@ -217,6 +218,8 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
             if step % cfg.weight_sync.every == 0:
                 sync(step)
         pipe.after_sync(step)
+        if pipe.reissued:  # prompts of a lost engine generated again (only those)
+            row["rollout/reissued_prompts"], pipe.reissued = pipe.reissued, 0
         row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size), **elastic.metrics(),
                    **recovery.pop(step),
                    **timer.pop(), **{"timing/step": time.perf_counter() - t_step})

@@ -13,6 +13,7 @@ samples the same.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -20,6 +21,7 @@ from typing import NamedTuple
 import ray
 import torch
 
+from actors.group import RoleFailure, split_even, wait_calls
 from actors.reward import RewardSample
 from orchestrator.evaluate import pad_to_multiple
 
@@ -34,6 +36,10 @@ class Rollout:
     generating: list               # the rollout group's call refs
     samples: list | None = None    # RolloutSample per response, once generated
     scoring: dict | None = None    # call refs of reward, reference, old log-probs and values
+    step: int = 0
+    shards: list | None = None     # the prompt ids each generating ref was given
+    engines: list | None = None    # the engine each generating ref runs on
+    sampling: dict | None = None
 
     def sequences(self) -> list[tuple[list[int], list[int]]]:
         return [(s.prompt_ids, s.response_ids) for s in self.samples]
@@ -72,7 +78,7 @@ def drop_failed(ro: Rollout, scored: Scores, group: int, step: int
         for per_token in lists:
             if per_token is not None:
                 per_token[i] = []
-    kept = Rollout(ro.prompts, ro.sampler_state, ro.generating, samples, ro.scoring)
+    kept = dataclasses.replace(ro, samples=samples)
     return kept, Scores(rewards, *lists), [ro.prompts[g].row for g in groups]
 
 
@@ -112,6 +118,8 @@ class RolloutPipeline:
                              top_k=rl.top_k, max_new_tokens=rl.max_new_tokens)
         self.ahead: deque[Rollout] = deque()  # launched, not yet trained on; oldest first
         self.failure = None  # a RoleFailure met on a later step's batch, for the loop
+        self.recover = None  # Recovery.recover(failure, step), for engines lost mid-generation
+        self.reissued = 0  # prompts generated again since the last step's metrics
 
     # ---- the steps ----------------------------------------------------------------------
     def take(self, step: int) -> Rollout:
@@ -152,9 +160,8 @@ class RolloutPipeline:
         """Start scoring a batch of a later step. A role that fails on it does not stop this
         step (its update is under way): the failure waits in ``failure`` for the loop, and
         the batch is dropped, to be drawn and generated again."""
-        from actors.group import RoleFailure
         try:
-            self.start_scoring(ro)
+            self.start_scoring(ro, reissue=False)  # not while this step's update runs
         except RoleFailure as failure:
             self.failure = failure
             self.restart(self.ahead[0].sampler_state)
@@ -181,16 +188,20 @@ class RolloutPipeline:
         """Draw the step's prompts and start generating (seeded by the step)."""
         state = self.sampler.state_dict()
         batch = [self.prompts[i] for i in self.sampler.next_batch(self.cfg.rl.prompts_per_step)]
-        refs = self.roles.rollout.submit(
-            "generate", [p.prompt_ids for p in batch],
-            dict(self.sampling, seed=self.cfg.train.seed + STEP_SEED * step))
-        return Rollout(batch, state, refs)
+        group = self.roles.rollout
+        sampling = dict(self.sampling, seed=self.cfg.train.seed + STEP_SEED * step)
+        shards = split_even([p.prompt_ids for p in batch], len(group))
+        refs = [group.call(a, "generate", shard, sampling)
+                for a, shard in zip(group.actors, shards)]
+        return Rollout(batch, state, refs, step=step, shards=shards, engines=list(group.actors),
+                       sampling=sampling)
 
-    def start_scoring(self, ro: Rollout) -> None:
+    def start_scoring(self, ro: Rollout, reissue: bool = True) -> None:
         """Wait for the samples, then start reward scoring, reference and pre-update policy
-        log-probs and critic values on them, all at once."""
+        log-probs and critic values on them, all at once. ``reissue``: an engine lost on its
+        share is recovered and only that share generated again (:meth:`_generated`)."""
         roles = self.roles
-        ro.samples = roles.rollout.gather("generate", ro.generating)
+        ro.samples = self._generated(ro, reissue)
         seqs = ro.sequences()
         ro.scoring = {
             "reward": roles.reward.submit("score", reward_records(self.tokenizer, ro.prompts,
@@ -200,6 +211,42 @@ class RolloutPipeline:
                     if self.needs_old else None),
             "values": (roles.critic.submit("values", pad_to_multiple(seqs, len(roles.critic)))
                        if roles.critic else None)}
+
+    def _generated(self, ro: Rollout, reissue: bool) -> list:
+        """The rollout's samples in prompt order. With ``reissue`` and a ``recover`` callback
+        (orchestrator/recovery.py), an engine lost on its share (dead, or hung past its
+        deadline) is recovered and only the prompts it had not answered are generated again:
+        by its replacement (same rank and seed, so on-policy the same samples), else by the
+        engine now at its position, else by the first engine left. The shares other engines
+        finished, or are still working on, are kept."""
+        done: dict[int, list] = {}
+        while True:
+            group = self.roles.rollout
+            todo = [i for i in range(len(ro.generating)) if i not in done]
+            try:
+                got = wait_calls([(group, "generate", [ro.generating[i] for i in todo],
+                                   [group.actors.index(ro.engines[i]) for i in todo])])[0]
+                done.update(zip(todo, got))
+                return [s for i in sorted(done) for s in done[i]]
+            except RoleFailure as failure:
+                if not reissue or self.recover is None or failure.role != "rollout":
+                    raise
+                for i in todo:  # what finished before recovery kills anything
+                    if ray.wait([ro.generating[i]], timeout=0)[0]:
+                        try:
+                            done[i] = ray.get(ro.generating[i])
+                        except Exception:  # noqa: BLE001  (its engine died: generated again)
+                            pass
+                self.recover(failure, ro.step)  # raises when it may not
+                group, elastic = self.roles.rollout, getattr(self.roles, "elastic", None)
+                for i in todo:
+                    if i in done or ro.engines[i] in group.actors:
+                        continue  # finished, or its engine is still at it
+                    heir = elastic.successor(ro.engines[i]) if elastic is not None else None
+                    heir = heir or group.actors[i % len(group)]
+                    ro.generating[i] = group.call(heir, "generate", ro.shards[i], ro.sampling)
+                    ro.engines[i] = heir
+                    self.reissued += len(ro.shards[i])
 
     def _unscored(self) -> Rollout | None:
         return self.ahead[0] if self.ahead and self.ahead[0].scoring is None else None
