@@ -308,6 +308,8 @@ class FaultConfig:
     preempt_file: Optional[str] = param(None, "a path whose appearance asks the run to stop as "
                                               "on SIGTERM (finish the step, checkpoint, exit 0): "
                                               "for schedulers that announce preemption by file")
+    enabled: bool = param(True, "recover failed roles in place (see max_restarts); false: a "
+                                "failure stops the run with a checkpoint, as max_restarts 0")
     max_restarts: int = param(2, "replacements in place per role (rollout, reward, reference; "
                                  "a policy or critic rank: the role's world is rebuilt from the "
                                  "newest checkpoint) before the run stops with a checkpoint; 0: "

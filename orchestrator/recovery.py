@@ -48,7 +48,8 @@ class Recovery:
     replacement rewinds through ``session`` (orchestrator/session.py) and ``sampler``."""
 
     def __init__(self, cfg, roles, session=None, sampler=None):
-        self.roles, self.budget = roles, cfg.fault.max_restarts
+        self.roles = roles
+        self.budget = cfg.fault.max_restarts if cfg.fault.enabled else 0
         self.session, self.sampler = session, sampler
         self.used: dict[str, int] = {}
         self.killed: dict[str, float] = {}  # role -> time.time() of a kill by fault.inject
@@ -63,9 +64,11 @@ class Recovery:
         if role not in REPLACEABLE and role not in trainers:
             raise failure
         if self.used.get(role, 0) >= self.budget:
+            why = (f"its {self.budget} replacement(s) (fault.max_restarts) are spent"
+                   if self.budget else "no replacements in place (fault.enabled false, or "
+                   "fault.max_restarts 0)")
             raise RoleFailure(failure.role, failure.rank, failure.node, failure.pid,
-                              f"{failure.cause}; its {self.budget} replacement(s) "
-                              f"(fault.max_restarts) are spent", failure.method) from None
+                              f"{failure.cause}; {why}", failure.method) from None
         self.used[role] = self.used.get(role, 0) + 1
         log.warning("%s; replacing role %s in place (%d of %d) at step %d", failure, role,
                     self.used[role], self.budget, step)

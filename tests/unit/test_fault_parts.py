@@ -249,3 +249,11 @@ def test_drop_failed_leaves_out_whole_groups_of_a_failed_reward():
     with pytest.raises(RewardError, match="step 3: the reward endpoint failed for a sample of "
                                           "every prompt"):
         drop_failed(ro, everything, 2, 3)
+
+
+def test_fault_enabled_false_replaces_nothing():
+    from orchestrator.recovery import Recovery
+    cfg = RunConfig.from_yaml(GRPO, ["fault.enabled=false"])
+    recovery = Recovery(cfg, SimpleNamespace(trainables=[], replace=None))
+    with pytest.raises(RoleFailure, match="no replacements in place"):
+        recovery.recover(RoleFailure("reward", 0, "n", 7, "process died", "score"), step=2)
