@@ -24,3 +24,20 @@ def setup_logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def role_peaks(usage: dict) -> dict:
+    """Peak resident MiB of each role of a rayalign run (TrainResult.usage), roles in order."""
+    return {role: u.get("peak_rss_mib") for role, u in usage.items()}
+
+
+def process_peak_mib() -> float:
+    """Peak resident MiB of this process so far (TRL trains in it)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def memory_line(ray_peaks: dict, trl_peak: float) -> str:
+    roles = ", ".join(f"{r} {m:.0f}" if m is not None else f"{r} ?" for r, m in ray_peaks.items())
+    return (f"Peak resident memory, MiB: rayalign per role (largest replica) {roles}; TRL's "
+            f"process {trl_peak:.0f} (the benchmark process, which also ran rayalign's driver).")

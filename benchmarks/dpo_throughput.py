@@ -1,6 +1,7 @@
 """DPO training throughput: rayalign vs. TRL's DPOTrainer, same model, data and batch, one run.
 
-Builds a "small" Llama (~2.9M parameters) and a synthetic preference set in ``--out``, then
+Builds a ``--size`` Llama ("small" ~2.9M parameters, or "medium" ~30M) and a synthetic
+preference set in ``--out``, then
 trains DPO twice, one after the other in this process:
 
 * rayalign: ``orchestrator.train`` (the public ``train``) with an embedded local Ray, the
@@ -43,10 +44,10 @@ import time
 from pathlib import Path
 
 from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
-from vs_trl import (CORES, LR, MAX_WORDS, MIN_WORDS, StepClock, fmt, load_line, packing,
-                    parse_args, preference_data, rate, rayalign_config, rayalign_figures,
-                    rayalign_steps, small_model, spread_rows, step_figures, torch_threads,
-                    trl_args, versions, write_results)
+from bench_env import memory_line, process_peak_mib, role_peaks
+from vs_trl import (CORES, LR, StepClock, bench_model, fmt, load_line, packing, parse_args,
+                    preference_data, rate, rayalign_config, rayalign_figures, rayalign_steps,
+                    spread_rows, step_figures, torch_threads, trl_args, versions, write_results)
 
 log = logging.getLogger("dpo_throughput")
 
@@ -100,6 +101,7 @@ def run_rayalign(args, model_dir: Path, train_path: Path) -> dict:
                             {r["step"]: r["timing/step"] for r in steps}, args.warmup_steps),
         "precompute_s": capture.seconds, "precompute_pairs": capture.pairs,
         "train_call_s": wall, "tokens_per_pair": sum(r["tokens"] for r in steps) / pairs_all,
+        "peak_rss_mib": role_peaks(result.usage),
     })
     if capture.seconds is not None:
         out["end_to_end_pairs_per_s"] = pairs_all / (out["all_steps_s"] + capture.seconds)
@@ -163,7 +165,7 @@ def run_trl(args, model_dir: Path, rows: list[dict]) -> dict:
         "pairs_per_s_with_data": rate(pairs, interval, args.warmup_steps),
         "end_to_end_pairs_per_s": rate(pairs, interval, 0),
         **step_figures(seconds, args.warmup_steps), "train_call_s": wall,
-        "truncated_rows": truncated, "rows": len(ds),
+        "truncated_rows": truncated, "rows": len(ds), "peak_rss_mib": process_peak_mib(),
         "final_loss": getattr(train_out, "training_loss", None),
         "defaults": {k: str(v) for k, v in defaults.items()},
     }
@@ -214,11 +216,11 @@ def report(args, n_params: int, ray_res: dict, trl_res: dict) -> str:
     lines += [
         "",
         "Settings: "
-        f"model small Llama, {n_params / 1e6:.2f}M parameters, float32, TRL sdpa, "
+        f"model {args.size} Llama, {n_params / 1e6:.2f}M parameters, float32, TRL sdpa, "
         f"rayalign {args.rayalign_attn}; "
         f"batch size {args.batch_size} pairs (1 micro-batch, no accumulation); "
         f"max length {args.max_length} tokens; {args.steps} steps, {args.warmup_steps} warm-up; "
-        f"responses {MIN_WORDS}-{MAX_WORDS} words ({ray_res['tokens_per_pair']:.0f} tokens per "
+        f"responses {args.min_words}-{args.max_words} words ({ray_res['tokens_per_pair']:.0f} tokens per "
         f"pair on average, rayalign count); each pair used once; sigmoid loss, beta {BETA}, "
         f"lr {LR:g}; torch threads {CORES} (rayalign: policy cpus "
         f"{CORES / args.rayalign_actors:g} per actor; TRL: torch.set_num_threads({CORES})); "
@@ -231,6 +233,8 @@ def report(args, n_params: int, ray_res: dict, trl_res: dict) -> str:
         "",
         load_line(ray_res, trl_res),
         "",
+        memory_line(ray_res["peak_rss_mib"], trl_res["peak_rss_mib"]),
+        "",
         f"Loss: rayalign last step {fmt(ray_res['final_loss'])}; TRL mean over the run "
         f"{fmt(trl_res['final_loss'])}.",
     ]
@@ -242,7 +246,7 @@ def main(argv=None) -> int:
     setup_logging()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
-    model_dir, n_params = small_model(Path(args.out))
+    model_dir, n_params = bench_model(args)
     train_path, rows, _ = preference_data(args, model_dir)
     ray_res = run_rayalign(args, model_dir, train_path)
     trl_res = run_trl(args, model_dir, rows)

@@ -65,6 +65,7 @@ import time
 from pathlib import Path
 
 from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
+from bench_env import memory_line, process_peak_mib, role_peaks
 
 log = logging.getLogger("rl_step")
 
@@ -73,6 +74,7 @@ PROMPTS_PER_STEP, GROUP_SIZE = 8, 8
 SAMPLES_PER_STEP = PROMPTS_PER_STEP * GROUP_SIZE
 MICRO_BATCH = 32                 # samples per forward/backward on both sides
 MAX_NEW_TOKENS = 16
+MEDIUM_NEW_TOKENS = 64
 LR, KL_COEF = 2e-3, 0.01
 PHASES = ("generate", "score", "train", "sync")   # work; the rest of a step is orchestration
 ORCH_TARGET = 0.10
@@ -84,7 +86,10 @@ REWARD_WINDOW = 3                # steps averaged for the time-to-reward thresho
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", default="tiny", help="tiny_model size (tiny, small, base)")
+    p.add_argument("--size", default="tiny", help="tiny_model size (tiny, small, medium, base)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"tokens sampled per completion at most (default {MAX_NEW_TOKENS}; "
+                        f"{MEDIUM_NEW_TOKENS} at --size medium)")
     p.add_argument("--steps", type=int, default=40, help="optimizer steps per system")
     p.add_argument("--warmup-steps", type=int, default=2,
                    help="first steps left out of the timing on both sides")
@@ -115,6 +120,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not chosen or any(x not in allowed for x in chosen):
             p.error(f"--{flag}: a comma-separated subset of {', '.join(allowed)}")
         setattr(args, flag, chosen)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = MEDIUM_NEW_TOKENS if args.size == "medium" else MAX_NEW_TOKENS
     if args.steps < 1 or args.eval_prompts < 1:
         p.error("--steps and --eval-prompts must be at least 1")
     if not 0 <= args.warmup_steps < args.steps:
@@ -184,7 +191,7 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str, backe
         "rollout": {"actors": 1, "cpus": rollout_cpus, "kv_cache_gib": 0.25, "max_model_len": 256,
                     "backend": backend},
         "rl": {"prompts_per_step": PROMPTS_PER_STEP, "group_size": GROUP_SIZE,
-               "max_new_tokens": MAX_NEW_TOKENS, "kl_coef": KL_COEF,
+               "max_new_tokens": args.max_new_tokens, "kl_coef": KL_COEF,
                "async_rollout": mode == "async"},
         "optim": {"lr": LR, "warmup_steps": 0, "schedule": "constant", "grad_clip": 1.0},
         "train": {"batch_size": SAMPLES_PER_STEP, "micro_batch_size": MICRO_BATCH,
@@ -236,6 +243,7 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str, backe
         "eval_reward_before": result.before.get("eval/reward"),
         "eval_reward_after": result.after.get("eval/reward"),
         "train_call_s": wall, "load_avg_before": load_before, "load_avg": load_after,
+        "peak_rss_mib": role_peaks(result.usage),
     }
     log.info("rayalign %s, %s: median step %.3fs (%.1f samples/s), orchestration %.1f%% of step "
              "time; train() %.1fs in all", mode, backend, out["median_step_s"], out["samples_per_s"],
@@ -304,7 +312,7 @@ def run_trl(args, model_dir: Path, prompts: list[str]) -> dict:
         per_device_train_batch_size=MICRO_BATCH,
         gradient_accumulation_steps=SAMPLES_PER_STEP // MICRO_BATCH,
         num_generations=GROUP_SIZE,
-        max_completion_length=MAX_NEW_TOKENS,
+        max_completion_length=args.max_new_tokens,
         temperature=1.0, top_p=1.0, top_k=0,
         beta=KL_COEF,
         num_iterations=1,
@@ -362,6 +370,7 @@ def run_trl(args, model_dir: Path, prompts: list[str]) -> dict:
         "to_reward": time_to_reward(all_s, [timer.reward.get(s) for s in done], args.reward_target),
         "train_call_s": wall, "load_avg_before": load_before, "load_avg": load_after,
         "settings": {k: str(v) for k, v in settings.items()},
+        "peak_rss_mib": process_peak_mib(),
     }
     log.info("TRL: median step %.3fs (%.1f samples/s); train() %.1fs", out["median_step_s"],
              out["samples_per_s"], wall)
@@ -464,12 +473,15 @@ def report(args, n_params: int, runs: dict[str, dict], trl_runs: list[dict]) -> 
     if trl_res is not None:
         loads += f", TRL {trl_res['load_avg'][0]:.2f}"
     lines += ["", (f"Settings: model {args.size} Llama, {n_params / 1e6:.2f}M parameters, float32, "
-                  f"sdpa; {args.steps} steps, {w} warm-up; max {MAX_NEW_TOKENS} new tokens; lr {LR:g}"
+                  f"sdpa; {args.steps} steps, {w} warm-up; max {args.max_new_tokens} new tokens; "
+                  f"lr {LR:g}"
                   f" constant; KL coef {KL_COEF} (k3, in the loss); micro-batch {MICRO_BATCH}; torch "
                   f"{torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}."),
               "", f"1-minute load average after each side (2 cores): {loads}."]
     if trl_res is not None:
         lines += ["", "TRL settings: " + ", ".join(f"{k}={v}" for k, v in trl_res["settings"].items())]
+        lines += [""] + [f"{mode}: " + memory_line(res["peak_rss_mib"], trl_runs[0]["peak_rss_mib"])
+                         for mode, res in runs.items()]
     return "\n".join(lines)
 
 

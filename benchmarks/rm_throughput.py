@@ -1,7 +1,8 @@
 """Reward-model training throughput: rayalign vs. TRL's RewardTrainer, same model, data and
 batch, one run.
 
-Builds a "small" Llama (~2.9M parameters) and the synthetic preference pairs of
+Builds a ``--size`` Llama ("small" ~2.9M parameters, or "medium" ~30M) and the synthetic
+preference pairs of
 dpo_throughput.py in ``--out``, then trains a reward model twice, one after the other in this
 process, both starting from that causal LM dir loaded as ``AutoModelForSequenceClassification``
 with one label (the transformer's weights, a new score head):
@@ -45,9 +46,9 @@ import time
 from pathlib import Path
 
 from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
-from vs_trl import (CORES, LR, MAX_WORDS, MIN_WORDS, StepClock, TokenTally, fmt, laid_out,
+from vs_trl import (CORES, LR, StepClock, TokenTally, fmt, laid_out,
                     load_line, packing, parse_args, preference_data, rate, rayalign_config,
-                    rayalign_figures, rayalign_steps, small_model, spread_rows, step_figures,
+                    rayalign_figures, rayalign_steps, bench_model, spread_rows, step_figures,
                     torch_threads, trl_args, versions, write_results)
 
 log = logging.getLogger("rm_throughput")
@@ -200,12 +201,12 @@ def report(args, n_params: int, ray_res: dict, trl_res: dict) -> str:
         f"{trl_res['pairs_per_s_with_data']:.2f} |",
         *spread_rows(ray_res, trl_res, args.batch_size, "batch size"),
         "",
-        f"Settings: model small Llama as a 1-label sequence classifier (causal LM "
+        f"Settings: model {args.size} Llama as a 1-label sequence classifier (causal LM "
         f"{n_params / 1e6:.2f}M parameters; TRL's model class {trl_res['model_class']}), "
         f"float32, TRL sdpa, rayalign {args.rayalign_attn}; batch size {args.batch_size} pairs "
         f"(1 micro-batch, no accumulation); "
         f"max length {args.max_length} tokens; {args.steps} steps, {args.warmup_steps} warm-up; "
-        f"responses {MIN_WORDS}-{MAX_WORDS} words ({ray_res['tokens'] / ray_res['pairs']:.0f} "
+        f"responses {args.min_words}-{args.max_words} words ({ray_res['tokens'] / ray_res['pairs']:.0f} "
         f"tokens per pair on average, prompt counted twice); each pair used once; "
         f"Bradley-Terry loss; lr {LR:g}; torch threads {CORES} (rayalign: trainer cpus "
         f"{CORES / args.rayalign_actors:g} per actor; TRL: torch.set_num_threads({CORES})); "
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
     setup_logging()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
-    model_dir, n_params = small_model(Path(args.out))
+    model_dir, n_params = bench_model(args)
     train_path, rows, pairs = preference_data(args, model_dir)
     ray_res = run_rayalign(args, model_dir, train_path, pairs)
     trl_res = run_trl(args, model_dir, rows, pairs)

@@ -1,6 +1,7 @@
 """SFT training throughput: rayalign vs. TRL's SFTTrainer, same model, data and batch, one run.
 
-Builds a "small" Llama (~2.9M parameters) and synthetic prompt/response rows
+Builds a ``--size`` Llama ("small" ~2.9M parameters, or "medium" ~30M) and synthetic
+prompt/response rows
 (``orchestrator.synthetic.make_sft``, no conversations) in ``--out``, then trains SFT twice,
 one after the other in this process:
 
@@ -46,9 +47,9 @@ import time
 from pathlib import Path
 
 from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
-from vs_trl import (CORES, LR, MAX_WORDS, MIN_WORDS, StepClock, TokenTally, fmt, keep_rows,
+from vs_trl import (CORES, LR, StepClock, TokenTally, fmt, keep_rows,
                     laid_out, load_line, packing, parse_args, rate, rayalign_config,
-                    rayalign_figures, rayalign_steps, small_model, spread_rows, step_figures,
+                    rayalign_figures, rayalign_steps, bench_model, spread_rows, step_figures,
                     torch_threads, trl_args, versions, write_results)
 
 log = logging.getLogger("sft_throughput")
@@ -71,7 +72,7 @@ def sft_data(args, model_dir: Path) -> tuple[Path, list[dict], list]:
     # would truncate it): such rows are dropped for both systems
     src = data / "sft.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in synthetic.make_sft(
-        need + need // 4 + 16, seed=20_000, min_words=MIN_WORDS, max_words=MAX_WORDS,
+        need + need // 4 + 16, seed=20_000, min_words=args.min_words, max_words=args.max_words,
         conversations=0.0)))
     kept, report = load_sft(src, tokenizer, args.max_length, on_bad_row="skip")
     if len(kept) < need:
@@ -237,11 +238,11 @@ def report(args, n_params: int, ray_res: dict, trl_res: dict) -> str:
         f"{trl_res['tokens_per_s_with_data']:.0f} |",
         *spread_rows(ray_res, trl_res, per_step, f"mean tokens per step ({per_step:.0f})"),
         "",
-        f"Settings: model small Llama, {n_params / 1e6:.2f}M parameters, float32, TRL sdpa, "
+        f"Settings: model {args.size} Llama, {n_params / 1e6:.2f}M parameters, float32, TRL sdpa, "
         f"rayalign {args.rayalign_attn}; "
         f"batch size {args.batch_size} sequences (1 micro-batch, no accumulation); max length "
         f"{args.max_length} tokens; {args.steps} steps, {args.warmup_steps} warm-up; responses "
-        f"{MIN_WORDS}-{MAX_WORDS} words ({ray_res['tokens'] / (args.steps * args.batch_size):.0f} "
+        f"{args.min_words}-{args.max_words} words ({ray_res['tokens'] / (args.steps * args.batch_size):.0f} "
         f"tokens per row on average); each row used once; loss on response tokens only; "
         f"lr {LR:g}; torch threads {CORES} (rayalign: policy cpus "
         f"{CORES / args.rayalign_actors:g} per actor; TRL: torch.set_num_threads({CORES})); "
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
     setup_logging()
     Path(args.out).mkdir(parents=True, exist_ok=True)
 
-    model_dir, n_params = small_model(Path(args.out))
+    model_dir, n_params = bench_model(args)
     train_path, rows, examples = sft_data(args, model_dir)
     ray_res = run_rayalign(args, model_dir, train_path, examples)
     trl_res = run_trl(args, model_dir, rows, examples)

@@ -30,8 +30,11 @@ os.environ.setdefault("RAY_worker_niceness", "0")
 log = logging.getLogger("vs_trl")
 
 CORES = 2            # the benchmark machine's cores; both systems get all of them
-MIN_WORDS, MAX_WORDS = 8, 60
 LR = 5e-4
+# per --size: the tiny_model preset, response words (about 1.15 tokens each), --max-length and
+# --steps defaults. medium's responses average about 256 tokens.
+SIZES = {"small": {"words": (8, 60), "max_length": 256, "steps": 40, "warmup": 5},
+         "medium": {"words": (200, 245), "max_length": 384, "steps": 12, "warmup": 2}}
 
 
 def parse_args(doc: str, default_out: str, row: str, argv=None, extra=None) -> argparse.Namespace:
@@ -39,11 +42,17 @@ def parse_args(doc: str, default_out: str, row: str, argv=None, extra=None) -> a
     ``extra(parser)`` adds a script's own."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps per system")
-    p.add_argument("--warmup-steps", type=int, default=5,
-                   help="first steps left out of the timing on both sides")
+    p.add_argument("--size", default="small", choices=tuple(SIZES),
+                   help="model size (orchestrator.tiny_model): small ~3M parameters, responses "
+                        "of 8-60 words; medium ~30M, responses of about 256 tokens")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per system (default: 40 small, 12 medium)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="first steps left out of the timing on both sides (default: 5 small, "
+                        "2 medium)")
     p.add_argument("--batch-size", type=int, default=8, help=f"{row} per optimizer step")
-    p.add_argument("--max-length", type=int, default=256, help="longest prompt+response in tokens")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest prompt+response in tokens (default: 256 small, 384 medium)")
     p.add_argument("--out", default=default_out, help="work dir: model, data, run dirs, results")
     p.add_argument("--rayalign-actors", type=int, default=1,
                    help="policy replicas for rayalign (they share the machine's cores)")
@@ -56,6 +65,12 @@ def parse_args(doc: str, default_out: str, row: str, argv=None, extra=None) -> a
     if extra is not None:
         extra(p)
     args = p.parse_args(argv)
+    preset = SIZES[args.size]
+    args.min_words, args.max_words = preset["words"]
+    for key, name in (("max_length", "max_length"), ("steps", "steps"),
+                      ("warmup_steps", "warmup")):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[name])
     if args.steps < 1 or args.batch_size < 1:
         p.error("--steps and --batch-size must be at least 1")
     if not 0 <= args.warmup_steps < args.steps:
@@ -66,13 +81,15 @@ def parse_args(doc: str, default_out: str, row: str, argv=None, extra=None) -> a
 
 
 # ---- model and data ------------------------------------------------------------------------
-def small_model(out: Path) -> tuple[Path, int]:
-    """The "small" Llama and its tokenizer (chat template included) in ``out/model``; #params."""
+def bench_model(args) -> tuple[Path, int]:
+    """The ``--size`` Llama and its tokenizer (chat template included) in ``--out``; #params."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from orchestrator.tiny_model import build_model
 
-    model_dir = build_model(out / "model", "small")
+    out = Path(args.out)
+    model_dir = build_model(out / ("model" if args.size == "small" else f"model-{args.size}"),
+                            args.size)
     n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(
         AutoConfig.from_pretrained(model_dir)).parameters())
     return model_dir, n_params
@@ -104,7 +121,7 @@ def preference_data(args, model_dir: Path) -> tuple[Path, list[dict], list]:
     # a little spare, in case a row is longer than --max-length (rayalign would refuse it, TRL
     # would truncate it): such rows are dropped for both systems
     paths = synthetic.write_dataset(out / "data", n_train=need + need // 4 + 16, n_eval=0, seed=0,
-                                    min_words=MIN_WORDS, max_words=MAX_WORDS)
+                                    min_words=args.min_words, max_words=args.max_words)
     kept, report = load_preferences(paths["train"], tokenizer, args.max_length, on_bad_row="skip")
     if len(kept) < need:
         raise SystemExit(f"only {len(kept)} of the generated pairs fit --max-length "

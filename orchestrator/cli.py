@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--rollout", type=int, required=True, help="rollout engines wanted (>= 1)")
     t = sub.add_parser("tiny-model", help="write a small Llama and a BPE tokenizer, no hub needed")
     t.add_argument("dir")
-    t.add_argument("--size", default="tiny", choices=("tiny", "small", "base"))
+    t.add_argument("--size", default="tiny", choices=("tiny", "small", "medium", "base"))
     t.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("synthetic-data", help="write the synthetic task: preference pairs "
                        "(train/eval.jsonl) and SFT rows (sft/sft_eval.jsonl)")

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 SIZES = {
     "tiny": (128, 2, 2, 256, 512),    # ~0.4M parameters: tests
     "small": (256, 3, 4, 688, 2048),  # ~3M parameters: demo and benchmarks
+    "medium": (512, 8, 8, 1408, 8192),  # ~30M parameters: benchmarks at a size where fixed
+                                        # per-call costs no longer dominate
     "base": (768, 12, 12, 2048, 8192),  # ~100M parameters: weight-sync benchmarks
 }
 SPECIAL = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
