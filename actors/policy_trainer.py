@@ -78,6 +78,28 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         return rl_update(self, batch, self.cfg, self.pad_id)
 
     @dispatch(SCATTER)
+    def generate(self, prompts: list[list[int]], sampling: dict | None = None) -> list:
+        """The hybrid engine (``rollout.colocate_with: policy``): sample as a transformers
+        rollout engine would (actors/rollout_hf.py), with this trainer's own module, so no
+        weights are ever copied. Under ZeRO-3 with several ranks each forward gathers the
+        layers' shards, a collective: the ranks decode in lockstep (``synced_gpus``), and every
+        rank must get a call."""
+        from actors.rollout_hf import HFRolloutEngine
+        from orchestrator.roles import rollout_settings
+        if getattr(self, "_sampler", None) is None:
+            self._sampler = HFRolloutEngine.around(
+                self.engine.module, self.tokenizer, self.rank, self.world_size,
+                rollout_settings(self.cfg.model, self.cfg.rollout),
+                synced=self.cfg.policy.zero_stage == 3 and self.world_size > 1)
+        module = self.engine.module
+        training = module.training
+        module.eval()
+        try:
+            return self._sampler.generate(prompts, sampling)
+        finally:
+            module.train(training)
+
+    @dispatch(SCATTER)
     def token_logprobs(self, sequences) -> list[list[float]]:
         """Per-token log-probs of each (prompt, response)'s response tokens."""
         self.engine.eval()
@@ -122,8 +144,8 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         return out
 
     @dispatch(SCATTER)
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                 seed: int) -> list[list[int]]:
+    def sample_responses(self, prompts: list[list[int]], max_new_tokens: int,
+                         temperature: float, seed: int) -> list[list[int]]:
         """Sample one response per prompt (ids, EOS excluded); training RNG is left untouched."""
         model = self.engine.module
         model.eval()

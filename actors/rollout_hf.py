@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 class HFRolloutEngine(EngineBase):
     """A transformers causal LM as one replica of the rollout role (CPU)."""
 
+    synced = False  # see around()
+
     def __init__(self, rank: int, world_size: int, settings: RolloutSettings):
         super().__init__(rank, world_size, settings)
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -46,14 +48,33 @@ class HFRolloutEngine(EngineBase):
         set_threads(s.cpus)
         t0 = time.perf_counter()
         try:
-            self.model = AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 s.model_path, dtype=DTYPES[s.dtype], attn_implementation="sdpa")
-            self.tokenizer = AutoTokenizer.from_pretrained(s.model_path)
+            tokenizer = AutoTokenizer.from_pretrained(s.model_path)
         except Exception as e:
             raise RuntimeError(f"rollout engine {rank}: transformers could not load "
                                f"{s.model_path} ({type(e).__name__}: {e})") from e
-        self.model.eval().requires_grad_(False)
+        model.eval().requires_grad_(False)
         torch.manual_seed(s.seed + rank)  # unseeded calls draw their seeds from here
+        self._adopt(model, tokenizer)
+        log.info("rollout engine %d up in %.1fs (%s, transformers generate, %d threads)", rank,
+                 time.perf_counter() - t0, s.model_path, torch.get_num_threads())
+
+    @classmethod
+    def around(cls, model, tokenizer, rank: int, world_size: int, settings: RolloutSettings,
+               synced: bool = False):
+        """An engine that samples with ``model`` as it is (the hybrid engine: the policy
+        trainer's own module, actors/policy_trainer.py ``generate``); no copy, no load.
+        ``synced``: the model's forward is a collective of several ranks (ZeRO-3), which
+        decode in lockstep, each with at least one row."""
+        engine = cls.__new__(cls)
+        EngineBase.__init__(engine, rank, world_size, settings)
+        engine._adopt(model, tokenizer)
+        engine.synced = synced
+        return engine
+
+    def _adopt(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -63,8 +84,6 @@ class HFRolloutEngine(EngineBase):
         self.group = None
         # every parameter the model holds must arrive in a sync (a tied head comes once)
         self.params = dict(self.model.named_parameters())
-        log.info("rollout engine %d up in %.1fs (%s, transformers generate, %d threads)", rank,
-                 time.perf_counter() - t0, s.model_path, torch.get_num_threads())
 
     # ---- sampling ---------------------------------------------------------------------------
     @dispatch(SCATTER)
@@ -84,6 +103,8 @@ class HFRolloutEngine(EngineBase):
         done = []
         for start in range(0, len(rows), chunk):
             done += self._sample(rows[start:start + chunk], sp, generator)
+        if self.synced and not rows:  # its peers' forwards wait for this rank's
+            self._sample([[self.pad_id]], sp, generator)
         outputs = {i: done[k * sp.n:(k + 1) * sp.n] for k, i in enumerate(todo)}
         return self._in_prompt_order(prompts, skipped, sp.n, outputs)
 
@@ -113,7 +134,8 @@ class HFRolloutEngine(EngineBase):
         try:
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, generation_config=config,
-                tokenizer=self.tokenizer if sp.stop else None)
+                tokenizer=self.tokenizer if sp.stop else None,
+                **({"synced_gpus": True} if self.synced else {}))
         finally:
             generator.set_state(torch.random.get_rng_state())
             torch.random.set_rng_state(saved)

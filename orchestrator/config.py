@@ -145,6 +145,10 @@ class RolloutConfig(RoleConfig):
     backend: str = param("vllm", "what generates: vLLM engines, or transformers' generate in the "
                                  "actor (hf: CPU only, tensor_parallel_size 1; faster than vLLM "
                                  "for tiny models on a CPU)", choices=("vllm", "hf"))
+    colocate_with: Optional[str] = param(
+        None, "policy: the hybrid engine, generation inside the policy trainer's actors with "
+              "their own module (no rollout actors, no weight sync; backend hf); none: engines "
+              "of their own", choices=("policy",))
 
     def check(self) -> None:
         """Rules between the keys of this section (also used by ``rayalign generate``)."""
@@ -152,6 +156,11 @@ class RolloutConfig(RoleConfig):
             raise ConfigError(f"rollout.gpus: {self.gpus:g} with rollout.backend hf; the hf "
                               f"backend runs on CPU only: set rollout.gpus to 0 or use "
                               f"rollout.backend vllm")
+        if self.colocate_with == "policy" and self.backend != "hf":
+            raise ConfigError("rollout.colocate_with: policy (the hybrid engine) samples with "
+                              "transformers' generate in the trainer's process; vLLM inside the "
+                              "trainer is not built yet: set rollout.backend: hf, or drop "
+                              "rollout.colocate_with for engines of their own")
         if self.backend == "hf" and self.tensor_parallel_size != 1:
             raise ConfigError(f"rollout.tensor_parallel_size: {self.tensor_parallel_size} with "
                               f"rollout.backend hf, which holds the whole model in one process; "
@@ -438,8 +447,14 @@ class RunConfig:
             return ["policy"]
         if self.algorithm == "dpo":
             return ["policy", "reference"]
-        return ["rollout", "policy", *(["critic"] if self.uses_critic else []), "reference",
+        engines = [] if self.hybrid else ["rollout"]  # hybrid: the policy generates
+        return [*engines, "policy", *(["critic"] if self.uses_critic else []), "reference",
                 "reward"]
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether the policy trainer generates (``rollout.colocate_with: policy``)."""
+        return self.online and self.rollout.colocate_with == "policy"
 
     def _check_colocation(self) -> None:
         roles = self.roles()

@@ -102,11 +102,14 @@ class ElasticRollout:
         self.slots: list[Slot] = []
         self.next_rank = cfg.rollout.actors
         self._said: tuple | None = None
+        self.fixed = getattr(roles, "hybrid", False)  # the policy's ranks generate
         self.adopt()
 
     def adopt(self) -> None:
         """Take the rollout group as it is now (started, or replaced whole): its engines in the
         role's bundles; slots of added engines are emptied (their placement is kept)."""
+        if self.fixed:
+            return
         group = self.roles.rollout
         own = [s for s in self.slots if s.own]
         for s in own:
@@ -131,12 +134,19 @@ class ElasticRollout:
         return None
 
     def metrics(self) -> dict:
+        if self.fixed:
+            return {}
         return {"rollout/engines": len(self.roles.rollout), "rollout/engines_wanted": self.want}
 
     def reconcile(self, wait_s: float = 0.0) -> bool:
         """Start or stop engines toward the wanted count (waiting up to ``wait_s`` for a bundle
         to be held); True if the engines changed (the caller drops batches generated ahead)."""
         cfg, group = self.cfg, self.roles.rollout
+        if self.fixed:
+            if wanted(self.run_dir, self.want) != self.want:
+                self._say(("fixed",), "rollout: the hybrid engine generates on the policy's "
+                          "%d rank(s); rayalign scale does not apply", len(group))
+            return False
         self.want = wanted(self.run_dir, self.want)
         live = [s for s in self.slots if s.actor is not None]
         if self.want != len(live) and getattr(cfg.rollout, "colocate_with", None):
@@ -160,9 +170,8 @@ class ElasticRollout:
         if not (started or stopped):
             self._report()
             return False
-        from orchestrator.weight_sync import sync_weights
         self.roles._connect_sync(group)
-        sync_weights(self.roles.policy, group, cfg.weight_sync.bucket_bytes)
+        self.roles.sync()
         log.info("rollout: %d engine(s) now (%d started, %d stopped; %d wanted)", len(group),
                  len(started), stopped, self.want)
         self._report()

@@ -49,7 +49,7 @@ def preference_accuracy(policy, pairs, ref: list[tuple[float, float]], beta: flo
 def sampled_reward(policy, tokenizer, pairs, reward_fn, eval_cfg, seed: int) -> dict:
     """Sample one response per held-out prompt and score it with the ground-truth reward."""
     prompts = pairs[:eval_cfg.num_prompts]
-    ids = policy.run("generate", pad_to_multiple([p.prompt_ids for p in prompts], len(policy)),
+    ids = policy.run("sample_responses", pad_to_multiple([p.prompt_ids for p in prompts], len(policy)),
                      eval_cfg.max_new_tokens, eval_cfg.temperature, seed)[:len(prompts)]
     texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
     rewards = [float(reward_fn(p.prompt_text, t)) for p, t in zip(prompts, texts)]

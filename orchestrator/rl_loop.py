@@ -38,7 +38,6 @@ from orchestrator.rollouts import Rollout, RolloutPipeline, Scores, drop_failed,
 from orchestrator.sampler import ResumableSampler
 from orchestrator.session import RunSession, TrainResult
 from orchestrator.storage import RunStorage
-from orchestrator.weight_sync import sync_weights
 
 log = logging.getLogger(__name__)
 
@@ -134,11 +133,10 @@ def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
 
 
 def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) -> TrainResult:
-    bucket_bytes = cfg.weight_sync.bucket_bytes
     sampler = ResumableSampler(len(prompts), cfg.train.seed)
     start = session.restore(roles.trainables, sampler)
     if session.resume is not None:
-        sync_weights(roles.policy, roles.rollout, bucket_bytes)  # engines start from the model dir
+        roles.sync()  # engines start from the model dir
     timer = PhaseTimer()
     pipe = RolloutPipeline(cfg, roles, prompts, sampler, tokenizer, needs_old_logprobs(cfg))
     recovery = Recovery(cfg, roles, session, sampler)
@@ -193,7 +191,7 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
 
     def sync(step: int) -> None:
         try:
-            sync_weights(roles.policy, roles.rollout, bucket_bytes)
+            roles.sync()
         except RoleFailure as failure:  # new engines receive the current weights as they join
             recovery.recover(failure, step)
 

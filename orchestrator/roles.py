@@ -301,10 +301,13 @@ class RLRoles(RoleSet):
         super().__init__(cfg, Placement(cfg, cfg.roles()))
         placement = self.placement
         self.elastic = None  # orchestrator/elastic.py, set by the loop that owns the run dir
+        self.hybrid = cfg.hybrid  # the policy generates: no engines, nothing to sync
+        self._engines = None
         try:
-            self.rollout = self._keep(_engines_started(placement.start(
-                "rollout", engine_class(cfg.rollout),
-                (rollout_settings(cfg.model, cfg.rollout),))))
+            if not self.hybrid:
+                self.rollout = self._keep(_engines_started(placement.start(
+                    "rollout", engine_class(cfg.rollout),
+                    (rollout_settings(cfg.model, cfg.rollout),))))
             self.policy = self._keep(placement.start("policy", PolicyTrainer, (cfg,)))
             self.critic = (self._keep(placement.start("critic", Critic, (cfg,)))
                            if cfg.uses_critic else None)
@@ -318,7 +321,24 @@ class RLRoles(RoleSet):
             self.shutdown()
             raise
 
+    @property
+    def rollout(self) -> ActorGroup:
+        """The group that generates: the engines, or with the hybrid engine the policy."""
+        return self.policy if self.hybrid else self._engines
+
+    @rollout.setter
+    def rollout(self, group: ActorGroup) -> None:
+        self._engines = group
+
+    def sync(self) -> dict | None:
+        """Weights from the trainer to the engines (nothing to do for the hybrid engine)."""
+        if self.hybrid:
+            return None
+        return sync_weights(self.policy, self.rollout, self.cfg.weight_sync.bucket_bytes)
+
     def _connect_sync(self, engines: ActorGroup) -> None:
+        if self.hybrid:
+            return
         cfg = self.cfg
         connect_sync(self.policy, engines, cfg.weight_sync.timeout_s,
                      backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
@@ -358,7 +378,7 @@ class RLRoles(RoleSet):
         still wait on the dead sender (it died in a sync) or where the transport is NCCL (a
         vLLM communicator is not re-opened in place)."""
         super().replace_trainers(names, method)
-        if "policy" not in names:
+        if "policy" not in names or self.hybrid:
             return
         if method in ("send_weights", "weight_update_info") or \
                 backend_for(self.cfg.rollout.gpus) == "nccl":

@@ -257,3 +257,12 @@ def test_fault_enabled_false_replaces_nothing():
     recovery = Recovery(cfg, SimpleNamespace(trainables=[], replace=None))
     with pytest.raises(RoleFailure, match="no replacements in place"):
         recovery.recover(RoleFailure("reward", 0, "n", 7, "process died", "score"), step=2)
+
+
+def test_hybrid_engine_config():
+    """rollout.colocate_with: policy starts no rollout role, and needs the hf backend."""
+    cfg = RunConfig.from_yaml(GRPO, ["rollout.colocate_with=policy", "rollout.backend=hf"])
+    assert cfg.hybrid and "rollout" not in cfg.roles()
+    assert not RunConfig.from_yaml(GRPO, ["rollout.backend=hf"]).hybrid
+    with pytest.raises(ConfigError, match="rollout.colocate_with: policy .* set rollout.backend: hf"):
+        RunConfig.from_yaml(GRPO, ["rollout.colocate_with=policy", "rollout.backend=vllm"])
