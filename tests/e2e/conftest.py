@@ -49,8 +49,9 @@ def make_config(assets, tmp_path):
 
 @pytest.fixture
 def grpo_config(assets):
-    """``grpo_config(run_dir, section={...}, ...)``: a small GRPO run on the synthetic task as a
-    config dict (transformers rollout, function reward, 3 CPUs), the named sections updated."""
+    """``grpo_config(run_dir, section={...}, key=value, ...)``: a small GRPO run on the synthetic
+    task as a config dict (transformers rollout, function reward, 3 CPUs), the named sections
+    updated and plain keys (``algorithm="ppo"``) replaced."""
     def make(run_dir, **sections) -> dict:
         data = {
             "algorithm": "grpo", "run_dir": str(run_dir),
@@ -68,8 +69,8 @@ def grpo_config(assets):
             "cluster": {"num_cpus": 3},
             "log": {"progress_bar": False, "tensorboard": False},
         }
-        for key, value in sections.items():
-            data[key] = {**data.get(key, {}), **value}
+        for key, value in sections.items():  # a section is updated, a plain key replaced
+            data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
         return data
     return make
 

@@ -52,31 +52,19 @@ def test_dpo_loses_a_rank_and_ends_as_an_uninterrupted_run(make_config, tmp_path
     same_weights(plain.model_dir, hit.model_dir, 1e-6)
 
 
-def ppo(assets, run_dir, **fault) -> RunConfig:
-    """PPO over all five roles on 4 logical CPUs, seeded sampling, a checkpoint every 2 steps."""
-    return RunConfig.from_dict({
-        "algorithm": "ppo", "run_dir": str(run_dir),
-        "model": {"path": assets["model"]},
-        "data": {"train": assets["train"], "max_length": 128},
-        "policy": {"actors": 2, "cpus": 0.5, "zero_stage": 2},
-        "critic": {"actors": 1, "cpus": 0.5, "zero_stage": 0, "lr": 1e-3},
-        "reference": {"actors": 1, "cpus": 0.5},
-        "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
-                   "function": "orchestrator.synthetic:reward"},
-        "rollout": {"actors": 1, "cpus": 1, "max_model_len": 256, "backend": "hf"},
-        "rl": {"prompts_per_step": 8, "group_size": 2, "max_new_tokens": 8},
-        "optim": {"lr": 1e-3},
-        "train": {"batch_size": 16, "micro_batch_size": 8, "max_steps": 8},
-        "checkpoint": {"every": 2, "keep": 2},
-        "fault": fault,
-        "cluster": {"num_cpus": 4},
-        "log": {"progress_bar": False, "tensorboard": False},
-    })
+def ppo(grpo_config, run_dir, **fault) -> RunConfig:
+    """PPO over all five roles (policy 2 x ZeRO-2) on 4 logical CPUs, seeded sampling, a
+    checkpoint every 2 steps."""
+    return RunConfig.from_dict(grpo_config(
+        run_dir, algorithm="ppo", policy={"actors": 2, "cpus": 0.5, "zero_stage": 2},
+        critic={"actors": 1, "cpus": 0.5, "zero_stage": 0, "lr": 1e-3},
+        rl={"group_size": 2}, train={"batch_size": 16, "micro_batch_size": 8},
+        checkpoint={"every": 2}, fault=fault, cluster={"num_cpus": 4}))
 
 
-def test_ppo_survives_losing_every_role_once(assets, tmp_path):
-    plain = train(ppo(assets, tmp_path / "plain"))
-    hit = train(ppo(assets, tmp_path / "hit", max_restarts=1,
+def test_ppo_survives_losing_every_role_once(grpo_config, tmp_path):
+    plain = train(ppo(grpo_config, tmp_path / "plain"))
+    hit = train(ppo(grpo_config, tmp_path / "hit", max_restarts=1,
                     inject="rollout@2,policy:1@4,reward@5,critic@6,reference@7"))
     assert sorted(steps(hit.run_dir)) == list(range(1, 9))
     made = [(m["role"], m["step"], m.get("rewound_to")) for m in recoveries(hit.run_dir)]
