@@ -170,7 +170,7 @@ class ElasticRollout:
         if not (started or stopped):
             self._report()
             return False
-        self.roles._connect_sync(group)
+        self.roles.connect_engines(group)
         self.roles.sync()
         log.info("rollout: %d engine(s) now (%d started, %d stopped; %d wanted)", len(group),
                  len(started), stopped, self.want)

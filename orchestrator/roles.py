@@ -316,7 +316,7 @@ class RLRoles(RoleSet):
                                                      (reward_settings(cfg),)))
             setup_trainers(*self.trainables)
             ray.get([a.ready.remote() for g in (self.reference, self.reward) for a in g.actors])
-            self._connect_sync(self.rollout)
+            self.connect_engines(self.rollout)
         except BaseException:
             self.shutdown()
             raise
@@ -336,7 +336,8 @@ class RLRoles(RoleSet):
             return None
         return sync_weights(self.policy, self.rollout, self.cfg.weight_sync.bucket_bytes)
 
-    def _connect_sync(self, engines: ActorGroup) -> None:
+    def connect_engines(self, engines: ActorGroup) -> None:
+        """A new weight-sync group of the policy and ``engines`` (after any change of either)."""
         if self.hybrid:
             return
         cfg = self.cfg
@@ -368,7 +369,7 @@ class RLRoles(RoleSet):
             "rollout", engine_class(cfg.rollout), (rollout_settings(cfg.model, cfg.rollout),)))
         if self.elastic is not None:
             self.elastic.adopt()  # added engines come back as the next step starts
-        self._connect_sync(new)
+        self.connect_engines(new)
         sync_weights(self.policy, new, cfg.weight_sync.bucket_bytes)
         return new
 
@@ -384,4 +385,4 @@ class RLRoles(RoleSet):
                 backend_for(self.cfg.rollout.gpus) == "nccl":
             self.replace("rollout")
         else:
-            self._connect_sync(self.rollout)
+            self.connect_engines(self.rollout)
