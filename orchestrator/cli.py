@@ -84,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         from actors.group import RoleFailure
         from orchestrator.data import DataError
         from orchestrator.placement import PlacementError
+        from orchestrator.roles import ClusterError
         from orchestrator.session import RunFailed
-        if isinstance(exc, (DataError, PlacementError)):
+        if isinstance(exc, (DataError, PlacementError, ClusterError)):
             print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
             return 3
         if isinstance(exc, (RunFailed, RoleFailure)):

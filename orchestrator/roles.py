@@ -19,9 +19,39 @@ from orchestrator.weight_sync import backend_for, connect as connect_sync, sync_
 log = logging.getLogger(__name__)
 
 
+class ClusterError(RuntimeError):
+    """The driver cannot reach, or is not let into, the Ray cluster it is to join."""
+
+
+def _unreachable(address: str) -> str | None:
+    """Why nothing answers at a cluster address (host:port or ray://host:port), or None."""
+    import socket
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        return None  # "auto" and the like: ray.init resolves it
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _token_source() -> str | None:
+    """Where this process would take a Ray auth token from, if anywhere."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and os.path.isfile(path):
+        return f"RAY_AUTH_TOKEN_PATH ({path})"
+    default = os.path.expanduser("~/.ray/auth_token")
+    return default if os.path.isfile(default) else None
+
+
 def connect(cluster) -> bool:
     """Join ``cluster.address``, else the cluster in ``RAY_ADDRESS`` (set for a Ray job's
-    entrypoint), else start an embedded local Ray; True if this call connected."""
+    entrypoint), else start an embedded local Ray; True if this call connected. A cluster that
+    cannot be reached or refuses this client is a :class:`ClusterError` saying which."""
     if ray.is_initialized():
         return False
     kwargs = dict(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
@@ -29,7 +59,20 @@ def connect(cluster) -> bool:
     if address and address != "local":  # joining: ray.init refuses num_cpus for a running cluster
         if cluster.num_cpus is not None:
             log.info("joining the Ray cluster at %s; cluster.num_cpus is ignored", address)
-        ray.init(address=address, **kwargs)
+        why = _unreachable(address)
+        if why:
+            raise ClusterError(f"cluster.address {address}: nothing answers there ({why}); is "
+                               f"the head up, and is this its GCS address (host:6379 by default)?")
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as exc:
+            token = _token_source()
+            hint = (f"the head refused this client with the token from {token}: it must be "
+                    f"this cluster's (`ray get-auth-token` on the head)" if token else
+                    "the head answers but refused this client: with token authentication (on "
+                    "by default since Ray 2.60) set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to "
+                    "the cluster's token (`ray get-auth-token` on the head)")
+            raise ClusterError(f"cluster.address {address}: {hint} ({exc})") from None
     else:  # "local": never join a cluster some `ray start` left in /tmp/ray by accident
         ray.init(address="local", num_cpus=cluster.num_cpus, **kwargs)
     return True

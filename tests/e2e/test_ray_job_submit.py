@@ -77,8 +77,9 @@ class RayHead:
         self.log = self.temp_dir / "ray-start.log"
         # Ray resolves 127.0.0.1 to the machine's routable address for the GCS and node; the
         # dashboard (job server) does listen on loopback only
+        self.gcs_port = _free_port()
         cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
-               "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
+               "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
                "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                "--ray-client-server-port", str(_free_port()),
                "--dashboard-agent-listen-port", str(_free_port()),
@@ -300,3 +301,25 @@ def test_ray_job_stop_checkpoints_the_step_and_a_resubmit_continues(ray_head, tm
                                                 key=lambda r: r["step"])]
     sampler = ResumableSampler(200, 0)
     assert trained == [[i + 1 for i in sampler.next_batch(4)] for _ in range(40)]
+
+
+def test_a_driver_that_cannot_join_says_why_in_one_line(ray_head, tmp_path):
+    """`rayalign train` pointed at a head with token auth but given no token, or at an address
+    where nothing listens: exit 3 and one line saying which, instead of a traceback or a
+    minutes-long retry."""
+    config = _configs(tmp_path)["dpo"]
+    ray_head.wait_ready()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(tmp_path / "home"), RAY_ADDRESS="")  # no ~/.ray/auth_token either
+    for address, said in ((f"127.0.0.1:{ray_head.gcs_port}", "RAY_AUTH_TOKEN"),
+                          (f"127.0.0.1:{_free_port()}", "nothing answers there")):
+        t0 = time.monotonic()
+        run = subprocess.run([sys.executable, "-m", "orchestrator", "train", str(config),
+                              f"cluster.address={address}"], env=env, cwd=REPO,
+                             capture_output=True, text=True, timeout=180)
+        assert run.returncode == 3, run.stderr[-3000:]
+        [line] = [x for x in run.stderr.splitlines() if x.startswith("ClusterError:")]
+        assert f"cluster.address {address}" in line and said in line, line
+        assert "Traceback" not in run.stderr
+        assert time.monotonic() - t0 < 120
+
