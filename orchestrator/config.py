@@ -344,7 +344,8 @@ class FaultConfig:
 
 @dataclass
 class LogConfig:
-    progress_bar: bool = param(True, "console progress bar")
+    progress_bar: bool = param(True, "progress bars (steps, reference precompute) when stderr is "
+                                     "a terminal; never in CI or job logs")
     tensorboard: bool = param(True, "write TensorBoard event files into the run dir")
     level: str = param("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 

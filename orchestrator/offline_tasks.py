@@ -11,6 +11,7 @@ import time
 from abc import ABC, abstractmethod
 
 from orchestrator.batches import PreferenceBatch, SFTBatch
+from orchestrator.progress import run_in_chunks
 from orchestrator.data import load_preferences, load_sft
 from orchestrator.evaluate import (preference_accuracy, reward_model_accuracy, sampled_reward,
                                    sft_heldout)
@@ -84,8 +85,11 @@ class DPOTask(PreferenceTask):
         self.ref_train, self.ref_eval = None, []
         if self.cfg.reference.precompute:
             t0 = time.perf_counter()
-            self.ref_train = roles.reference.run("logprobs", self.train)
-            self.ref_eval = roles.reference.run("logprobs", self.eval) if self.eval else []
+            self.ref_train = run_in_chunks(self.cfg, roles.reference, "logprobs", self.train,
+                                           "reference log-probs", "pair")
+            self.ref_eval = (run_in_chunks(self.cfg, roles.reference, "logprobs", self.eval,
+                                           "reference log-probs (eval)", "pair")
+                             if self.eval else [])
             log.info("reference log-probs for %d pairs in %.1fs", len(self.train) + len(self.eval),
                      time.perf_counter() - t0)
             roles.stop_reference()

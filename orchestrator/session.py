@@ -31,10 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from tqdm import tqdm
-
 from orchestrator.checkpoint import CheckpointManager, restore_run, resume_dir, save_run
 from orchestrator.metrics import MetricsLog
+from orchestrator.progress import bar
 from orchestrator.storage import RunStorage
 
 log = logging.getLogger(__name__)
@@ -148,9 +147,8 @@ class RunSession:
         if self.before is None:
             self.before = evaluate(0)
             self.metrics.log(0, self.before)
-        self.bar = tqdm(total=self.cfg.train.max_steps, initial=self.step, unit="step",
-                        desc=self.cfg.algorithm, disable=not self.cfg.log.progress_bar,
-                        dynamic_ncols=True)
+        self.bar = bar(self.cfg, self.cfg.train.max_steps, self.cfg.algorithm, "step",
+                       initial=self.step)
         # what exists now (imported libraries, the data) lives for the whole run: keep it out
         # of the garbage collector's full passes, each of which would otherwise walk it and
         # stall the driver for a few hundred ms in the middle of a step

@@ -266,3 +266,23 @@ def test_hybrid_engine_config():
     assert not RunConfig.from_yaml(GRPO, ["rollout.backend=hf"]).hybrid
     with pytest.raises(ConfigError, match="rollout.colocate_with: policy .* set rollout.backend: hf"):
         RunConfig.from_yaml(GRPO, ["rollout.colocate_with=policy", "rollout.backend=vllm"])
+
+
+def test_run_in_chunks_keeps_order_and_quiet_off_a_terminal(capsys):
+    from orchestrator.progress import run_in_chunks, shown
+    calls = []
+
+    class Group:
+        def __len__(self):
+            return 2
+
+        def run(self, method, items):
+            calls.append(len(items))
+            return [f"{method}:{x}" for x in items]
+
+    cfg = RunConfig.from_yaml(GRPO)
+    got = run_in_chunks(cfg, Group(), "logprobs", list(range(11)), "reference", "pair",
+                        per_replica=3)
+    assert got == [f"logprobs:{i}" for i in range(11)] and calls == [6, 5]
+    assert not shown(cfg)  # pytest's stderr is not a terminal
+    assert capsys.readouterr().err == ""
