@@ -33,6 +33,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import time
 import urllib.error
 import urllib.request
@@ -72,6 +73,8 @@ class RewardSettings:
     backoff_s: float = 0.5          # kind http: wait before the first retry, doubled each time
     on_failure: str = "fail"        # kind http: a request that gives up fails the call, or
                                     # ("drop") its samples score NaN, for the driver to drop
+    auth_env: str | None = None     # kind http: environment variable holding the value of the
+                                    # Authorization header (read where the request is made)
     micro_batch: int = 16           # model: sequences per forward; http: samples per request
     dtype: str = "float32"          # kind model: weights and activations
     cpus: float = 1.0               # CPUs per replica (torch threads for kind model)
@@ -98,6 +101,9 @@ class RewardSettings:
         for name, low in (("timeout_s", 0), ("micro_batch", 0), ("cpus", 0)):
             if not getattr(self, name) > low:
                 raise ValueError(f"reward.{name}: got {getattr(self, name)}, allowed: > {low}")
+        if self.auth_env and self.kind != "http":
+            raise ValueError(f"reward.auth_env: set, but only reward.kind 'http' reads it "
+                             f"(kind is {self.kind!r})")
         if self.on_failure not in ("fail", "drop"):
             raise ValueError(f"reward.on_failure: got {self.on_failure!r}, allowed: fail, drop")
         if self.on_failure == "drop" and self.kind != "http":
@@ -178,10 +184,18 @@ class HttpReward:
     """Kind http: a remote endpoint, retried with backoff."""
 
     def __init__(self, url: str, timeout_s: float, retries: int, backoff_s: float, micro_batch: int,
-                 on_failure: str = "fail"):
+                 on_failure: str = "fail", auth_env: str | None = None):
         self.url, self.timeout_s, self.retries = url, timeout_s, retries
         self.backoff_s, self.micro_batch, self.on_failure = backoff_s, micro_batch, on_failure
         self.source = f"reward endpoint {url}"
+        self.headers = {"Content-Type": "application/json"}
+        if auth_env:  # the secret stays out of config files, run dirs and logs
+            value = os.environ.get(auth_env)
+            if not value:
+                raise RewardError(f"{self.source}: reward.auth_env names {auth_env}, which is not "
+                                  f"set in the reward actor's environment; export it before the "
+                                  f"run (a Ray job: in the runtime env's env_vars)")
+            self.headers["Authorization"] = value
 
     def score(self, samples: list[RewardSample]) -> list[float]:
         """One reward per sample; with ``on_failure: drop`` the samples of a request that
@@ -223,7 +237,7 @@ class HttpReward:
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
             request = urllib.request.Request(self.url, data=body, method="POST",
-                                             headers={"Content-Type": "application/json"})
+                                             headers=self.headers)
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
                     data = reply.read()
@@ -309,7 +323,7 @@ def make_reward(settings: RewardSettings):
         return FunctionReward(settings.function)
     if settings.kind == "http":
         return HttpReward(settings.url, settings.timeout_s, settings.retries, settings.backoff_s,
-                          settings.micro_batch, settings.on_failure)
+                          settings.micro_batch, settings.on_failure, settings.auth_env)
     import torch
     device = "cuda" if settings.gpus > 0 and torch.cuda.is_available() else "cpu"
     return ModelReward(settings.model_path, settings.micro_batch, settings.dtype, device)

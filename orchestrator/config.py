@@ -9,6 +9,7 @@ These dataclasses are also the public Python API for driver scripts::
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,6 +190,9 @@ class RewardConfig(RoleConfig):
     url: Optional[str] = param(None, "kind http: endpoint taking {prompts, responses, extra}")
     timeout_s: float = param(10.0, "kind http: seconds per attempt", gt=0)
     retries: int = param(3, "kind http: attempts after the first", ge=0)
+    auth_env: Optional[str] = param(None, "kind http: name of an environment variable holding the "
+                                          "Authorization header's value (e.g. 'Bearer ...'); the "
+                                          "secret never goes into the config")
     on_failure: str = param("fail", "kind http: a request still failing after its retries fails "
                                     "the step (fail), or its samples are left out of the step "
                                     "and counted in reward/dropped (drop; a prompt's whole group "
@@ -511,6 +515,10 @@ class RunConfig:
         need = {"model": "model_path", "function": "function", "http": "url"}[self.reward.kind]
         if not getattr(self.reward, need):
             raise ConfigError(f"reward.{need}: required when reward.kind is {self.reward.kind!r}")
+        if self.reward.auth_env and not os.environ.get(self.reward.auth_env):
+            raise ConfigError(f"reward.auth_env: the environment variable "
+                              f"{self.reward.auth_env} is not set here; export it (its value is "
+                              f"the endpoint's Authorization header)")
         if self.reward.on_failure == "drop" and self.reward.kind != "http":
             raise ConfigError(f"reward.on_failure: 'drop' is for reward.kind 'http' (an endpoint "
                               f"that may be down); kind {self.reward.kind!r} fails the call, and "

@@ -330,7 +330,7 @@ def reward_settings(cfg) -> RewardSettings:
     r = cfg.reward
     return RewardSettings(kind=r.kind, model_path=r.model_path, function=r.function, url=r.url,
                           timeout_s=r.timeout_s, retries=r.retries, micro_batch=r.micro_batch,
-                          on_failure=r.on_failure,
+                          on_failure=r.on_failure, auth_env=r.auth_env,
                           dtype=cfg.model.dtype, cpus=r.cpus, gpus=r.gpus)
 
 

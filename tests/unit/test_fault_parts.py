@@ -286,3 +286,16 @@ def test_run_in_chunks_keeps_order_and_quiet_off_a_terminal(capsys):
     assert got == [f"logprobs:{i}" for i in range(11)] and calls == [6, 5]
     assert not shown(cfg)  # pytest's stderr is not a terminal
     assert capsys.readouterr().err == ""
+
+
+def test_reward_auth_env_must_be_set_where_the_run_starts(monkeypatch):
+    http = ["reward.kind=http", "reward.function=null", "reward.url=https://rm.example/score",
+            "reward.auth_env=RM_TOKEN"]
+    monkeypatch.delenv("RM_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="reward.auth_env: the environment variable RM_TOKEN "
+                                          "is not set here"):
+        RunConfig.from_yaml(GRPO, http)
+    monkeypatch.setenv("RM_TOKEN", "Bearer x")
+    cfg = RunConfig.from_yaml(GRPO, http)
+    assert "Bearer" not in str(cfg.to_dict())  # the config (and config.yaml) holds the name only
+

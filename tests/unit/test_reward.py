@@ -136,6 +136,7 @@ def test_function_that_cannot_be_imported():
     ({"kind": "function", "function": ":reward"}, "reward.function: got"),
     ({"kind": "http", "url": "http://x", "on_failure": "zero"}, "reward.on_failure: got"),
     ({"kind": "function", "function": "m:f", "on_failure": "drop"}, "reward.on_failure: 'drop'"),
+    ({"kind": "function", "function": "m:f", "auth_env": "X"}, "reward.auth_env: set, but only"),
 ])
 def test_settings_check_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -203,6 +204,24 @@ def test_http_on_failure_drop_scores_the_failed_request_nan(serve):
     assert got[:2] == [0, 1] and got[4] == 4
     assert math.isnan(got[2]) and math.isnan(got[3])
     assert len(calls) == 4  # 1 + (1 + 1 retry) + 1
+
+
+def test_http_auth_header_comes_from_the_environment(serve, monkeypatch):
+    seen = []
+    with serve(word_count) as (url, _):
+        monkeypatch.setenv("RM_TOKEN", "Bearer s3cret")
+        import urllib.request
+        real = urllib.request.urlopen
+
+        def spy(request, timeout=None):
+            seen.append(request.get_header("Authorization"))
+            return real(request, timeout=timeout)
+        monkeypatch.setattr(urllib.request, "urlopen", spy)
+        assert http(url, auth_env="RM_TOKEN").score(samples(("p", "a b"))) == [2.0]
+    assert seen == ["Bearer s3cret"]
+    monkeypatch.delenv("RM_TOKEN")
+    with pytest.raises(RewardError, match="reward.auth_env names RM_TOKEN, which is not set"):
+        http("http://127.0.0.1:9/x", auth_env="RM_TOKEN")
 
 
 def test_http_closed_port():
