@@ -82,8 +82,11 @@ class HFRolloutEngine(EngineBase):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos, default=0)
         self.group = None
-        # every parameter the model holds must arrive in a sync (a tied head comes once)
-        self.params = dict(self.model.named_parameters())
+        # every parameter the model holds must arrive in a sync (a tied head comes once), by
+        # the name the trainer sends: the checkpoint's
+        from actors.weight_sync import checkpoint_namer
+        saved = checkpoint_namer(self.model)
+        self.params = {saved(n): p for n, p in self.model.named_parameters()}
 
     # ---- sampling ---------------------------------------------------------------------------
     @dispatch(SCATTER)

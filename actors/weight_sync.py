@@ -25,11 +25,12 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -235,6 +236,31 @@ def full_shape(param: torch.Tensor) -> list[int]:
     return list(getattr(param, "ds_shape", param.shape))
 
 
+def checkpoint_namer(module: torch.nn.Module) -> Callable[[str], str]:
+    """A parameter's name as the model's checkpoint files have it, which is what an engine
+    loads by. transformers 5 renames some parameters on load (GPT-NeoX's ``embed_out`` is
+    ``lm_head`` in the module) and back on save: the renamings are undone here. A family
+    whose load does more than rename (fusing or splitting tensors) cannot be synced name by
+    name: WeightSyncError naming it."""
+    from transformers.conversion_mapping import WeightRenaming
+    back = []
+    for conv in getattr(module, "_weight_conversions", None) or []:
+        if not isinstance(conv, WeightRenaming):
+            raise WeightSyncError(f"{type(module).__name__}: transformers converts its checkpoint "
+                                  f"tensors on load ({type(conv).__name__}), which weight sync "
+                                  f"cannot undo; this model family is not supported")
+        for src, tgt in zip(conv.source_patterns, conv.target_patterns):
+            anchored = src.startswith("^")
+            literal = src.removeprefix("^").replace("\\.", ".")
+            back.append((re.compile(("^" if anchored else "") + re.escape(tgt)), literal))
+
+    def name(n: str) -> str:
+        for pattern, literal in back:
+            n = pattern.sub(literal, n)
+        return n
+    return name
+
+
 def describe(module: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
              exclude: tuple[str, ...] = ()) -> UpdateInfo:
     """The metadata of a sync of ``module``'s parameters; reads no parameter data.
@@ -242,11 +268,11 @@ def describe(module: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ``exclude``: name prefixes left out (a partial sync, e.g. of frozen parts: the receiver
     reports what it did not get).
     """
-    names, dtypes, shapes = [], [], []
+    names, dtypes, shapes, saved = [], [], [], checkpoint_namer(module)
     for name, p in module.named_parameters():
         if name.startswith(tuple(exclude)):
             continue
-        names.append(name)
+        names.append(saved(name))
         dtypes.append(str(p.dtype).removeprefix("torch."))
         shapes.append(full_shape(p))
     sizes = [_nbytes(d, s) for d, s in zip(dtypes, shapes)]
@@ -254,16 +280,17 @@ def describe(module: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
 
 
 def full_parameters(module: torch.nn.Module, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) in ``named_parameters`` order.
+    """(checkpoint name, full tensor) in ``named_parameters`` order.
 
     Under ZeRO-3 each module's own parameters are gathered with DeepSpeed's
     ``GatheredParameters`` just before they are yielded and released when the next module is
     reached, so at most one module's worth (e.g. one attention projection) is whole at a time.
     The gather is a collective: every trainer rank must iterate this, in step.
     """
+    saved = checkpoint_namer(module)
     if not zero3:
         for name, p in module.named_parameters():
-            yield name, p.detach()
+            yield saved(name), p.detach()
         return
     import deepspeed
     seen: set[int] = set()  # a tied parameter comes once, where named_parameters puts it
@@ -274,7 +301,7 @@ def full_parameters(module: torch.nn.Module, zero3: bool) -> Iterator[tuple[str,
             continue
         with deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=None):
             for name, p in own:
-                yield f"{prefix}.{name}" if prefix else name, p.detach()
+                yield saved(f"{prefix}.{name}" if prefix else name), p.detach()
 
 
 def send_weights(tensors: Iterable[tuple[str, torch.Tensor]], info: UpdateInfo,

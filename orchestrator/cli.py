@@ -32,9 +32,13 @@ def _parser() -> argparse.ArgumentParser:
                         "run (from its next step on)")
     sc.add_argument("run_dir", help="the run's run_dir (local path, as the driver sees it)")
     sc.add_argument("--rollout", type=int, required=True, help="rollout engines wanted (>= 1)")
-    t = sub.add_parser("tiny-model", help="write a small Llama and a BPE tokenizer, no hub needed")
+    t = sub.add_parser("tiny-model", help="write a small random model (Llama, or --arch) and a BPE "
+                       "tokenizer, no hub needed")
     t.add_argument("dir")
     t.add_argument("--size", default="tiny", choices=("tiny", "small", "medium", "base"))
+    t.add_argument("--arch", default="llama",
+                   choices=("llama", "qwen2", "mistral", "gemma", "gpt_neox"),
+                   help="model family (its own config and modules; our BPE tokenizer)")
     t.add_argument("--seed", type=int, default=0)
     d = sub.add_parser("synthetic-data", help="write the synthetic task: preference pairs "
                        "(train/eval.jsonl) and SFT rows (sft/sft_eval.jsonl)")
@@ -176,7 +180,7 @@ def _run(args) -> int:
         return 0
     if args.command == "tiny-model":
         from orchestrator.tiny_model import build_model
-        build_model(args.dir, args.size, args.seed)
+        build_model(args.dir, args.size, args.seed, arch=args.arch)
         return 0
     if args.command == "synthetic-data":
         from orchestrator.synthetic import write_dataset

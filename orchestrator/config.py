@@ -536,6 +536,8 @@ class RunConfig:
                                        or self.model.path.count("/") > 1):
                 raise ConfigError(f"model.path: {model} not found; create one with "
                                   f"`rayalign tiny-model {model}`")
+            if (model / "config.json").is_file():
+                check_family(model)
         critic = self.critic.model_path
         if (self.uses_critic and critic and "critic.model_path" not in pending
                 and not (Path(critic) / "config.json").is_file()):
@@ -558,6 +560,24 @@ class RunConfig:
     @property
     def per_actor_batch(self) -> int:
         return self.train.batch_size // self.policy.actors
+
+
+def check_family(model_dir: Path) -> None:
+    """Refuse a model family whose transformers load converts checkpoint tensors (fuses or
+    splits them, as for mixture-of-experts layers): the trainer's parameters would not be the
+    checkpoint's, which the rollout engines load and the weight sync sends by name."""
+    import json
+
+    from transformers.conversion_mapping import (WeightRenaming,
+                                                 get_checkpoint_conversion_mapping)
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    convs = get_checkpoint_conversion_mapping(model_type) if model_type else None
+    fused = [type(c).__name__ for c in convs or [] if not isinstance(c, WeightRenaming)]
+    if fused:
+        raise ConfigError(f"model.path: {model_dir} is a {model_type!r} model, whose tensors "
+                          f"transformers converts on load ({', '.join(sorted(set(fused)))}); "
+                          f"rayalign does not support this family yet (supported and tested: "
+                          f"llama, qwen2, mistral, gemma, gpt_neox)")
 
 
 def schema_lines() -> list[str]:

@@ -65,14 +65,50 @@ def llama_config(size: str, max_positions: int = 1024, **extra):
     return cfg, tokenizer
 
 
-def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, max_positions: int = 1024):
-    """Write a random-init Llama and its tokenizer to ``out_dir``; returns the path."""
-    import torch
-    from transformers import LlamaForCausalLM
+# families other than Llama: transformers config class, model class, and what the family does
+# its own way (tied embeddings or not, biases, fused projections, activations)
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),  # qkv biases
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": False}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM",  # scaled embeddings, GeLU, tied
+              {"tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh"}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",  # fused query_key_value, partial rotary
+                 {"tie_word_embeddings": False, "rotary_pct": 0.25,
+                  "use_parallel_residual": True}),
+}
 
-    cfg, tokenizer = llama_config(size, max_positions, tie_word_embeddings=True)
+
+def arch_config(arch: str, size: str, max_positions: int = 1024):
+    """(config, tokenizer) of a preset size in model family ``arch`` (see ARCHS)."""
+    import transformers
+
+    if arch not in ARCHS:
+        raise ValueError(f"arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    if arch == "llama":
+        return llama_config(size, max_positions, **ARCHS["llama"][2])
+    base, tokenizer = llama_config(size, max_positions)
+    config_cls, _, extra = ARCHS[arch]
+    common = {k: getattr(base, k) for k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "max_position_embeddings", "eos_token_id", "pad_token_id",
+        "bos_token_id")}
+    if arch != "gpt_neox":
+        common.update(num_key_value_heads=base.num_key_value_heads, head_dim=base.head_dim)
+    cfg = getattr(transformers, config_cls)(**common, **extra)
+    return cfg, tokenizer
+
+
+def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, max_positions: int = 1024,
+                arch: str = "llama"):
+    """Write a random-init model of family ``arch`` (Llama by default) and its tokenizer to
+    ``out_dir``; returns the path."""
+    import torch
+    import transformers
+
+    cfg, tokenizer = arch_config(arch, size, max_positions)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
+    model = getattr(transformers, ARCHS[arch][1])(cfg)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = Path(out_dir)
@@ -80,5 +116,6 @@ def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, max_posi
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     n = sum(p.numel() for p in model.parameters())
-    log.info("wrote %s Llama (%.2fM parameters, vocab %d) to %s", size, n / 1e6, cfg.vocab_size, out)
+    log.info("wrote %s %s (%.2fM parameters, vocab %d) to %s", size, arch, n / 1e6,
+             cfg.vocab_size, out)
     return out

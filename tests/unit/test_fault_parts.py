@@ -299,3 +299,28 @@ def test_reward_auth_env_must_be_set_where_the_run_starts(monkeypatch):
     cfg = RunConfig.from_yaml(GRPO, http)
     assert "Bearer" not in str(cfg.to_dict())  # the config (and config.yaml) holds the name only
 
+
+
+def test_sync_names_are_the_checkpoint_names(tmp_path):
+    """GPT-NeoX's head is lm_head in transformers 5's module but embed_out in its checkpoint,
+    which is what an engine loads: the sync sends the checkpoint's name."""
+    from transformers import AutoModelForCausalLM
+
+    from actors.weight_sync import checkpoint_namer, full_parameters
+    from orchestrator.tiny_model import build_model
+    model = AutoModelForCausalLM.from_pretrained(build_model(tmp_path / "m", "tiny",
+                                                             arch="gpt_neox"))
+    info = describe(model)
+    assert "embed_out.weight" in info.names and "lm_head.weight" not in info.names
+    assert [n for n, _ in full_parameters(model, zero3=False)] == info.names
+    assert checkpoint_namer(model)("gpt_neox.layers.0.attention.query_key_value.weight") == \
+        "gpt_neox.layers.0.attention.query_key_value.weight"
+
+
+def test_a_family_that_converts_tensors_is_refused(tmp_path):
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral"}))
+    from orchestrator.config import check_family
+    with pytest.raises(ConfigError, match="a 'mixtral' model, whose tensors transformers converts "
+                                          "on load .* does not support this family"):
+        check_family(tmp_path)
