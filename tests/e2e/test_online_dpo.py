@@ -16,33 +16,23 @@ pytestmark = pytest.mark.e2e
 REWARD_GAIN = 0.1  # ground-truth reward of held-out samples, on a scale of [-1, 1]
 
 
-def online_dpo(assets, run_dir, **sections) -> RunConfig:
-    """The online DPO run of these tests, sections updated by ``sections``."""
-    data = {
-        "algorithm": "online_dpo", "run_dir": str(run_dir),
-        "model": {"path": assets["model"]},
-        "data": {"train": assets["train"], "eval": assets["eval"], "max_length": 128},
-        "policy": {"actors": 1, "cpus": 1, "zero_stage": 0},
-        "reference": {"actors": 1, "cpus": 0.5},
-        "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
-                   "function": "orchestrator.synthetic:reward"},
-        "rollout": {"actors": 1, "cpus": 1, "max_model_len": 256, "backend": "hf"},
-        "rl": {"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 16},
-        "dpo": {"beta": 0.1},
-        "optim": {"lr": 2e-3},
-        "train": {"batch_size": 16, "micro_batch_size": 16, "max_steps": 20},
-        "eval": {"num_prompts": 32, "max_pairs": 64, "reward_fn": "orchestrator.synthetic:reward",
-                 "max_new_tokens": 16},
-        "cluster": {"num_cpus": 3},
-        "log": {"progress_bar": False, "tensorboard": False},
-    }
+def online_dpo(grpo_config, assets, run_dir, **sections) -> RunConfig:
+    """The online DPO run of these tests: the shared GRPO set-up with online DPO's algorithm,
+    held-out prompts and sizes, sections updated by ``sections``."""
+    data = grpo_config(
+        run_dir, algorithm="online_dpo", data={"eval": assets["eval"]},
+        rl={"prompts_per_step": 16, "group_size": 8, "max_new_tokens": 16},
+        dpo={"beta": 0.1}, optim={"lr": 2e-3},
+        train={"batch_size": 16, "micro_batch_size": 16, "max_steps": 20},
+        eval={"num_prompts": 32, "max_pairs": 64, "reward_fn": "orchestrator.synthetic:reward",
+              "max_new_tokens": 16})
     for key, value in sections.items():
         data[key] = {**data[key], **value}
     return RunConfig.from_dict(data)
 
 
-def test_online_dpo_raises_held_out_reward(assets, tmp_path):
-    cfg = online_dpo(assets, tmp_path / "run")
+def test_online_dpo_raises_held_out_reward(grpo_config, assets, tmp_path):
+    cfg = online_dpo(grpo_config, assets, tmp_path / "run")
     result = train(cfg)
     assert result.after["eval/reward"] >= result.before["eval/reward"] + REWARD_GAIN, result.summary()
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -56,8 +46,9 @@ def test_online_dpo_raises_held_out_reward(assets, tmp_path):
         assert r["reward/chosen"] > r["reward/rejected"]
 
 
-def test_two_rounds_raise_held_out_reward_and_rerun_skips(assets, tmp_path, caplog):
-    cfg = online_dpo(assets, tmp_path / "run", reference={"cpus": 1}, rl={"rounds": 2})
+def test_two_rounds_raise_held_out_reward_and_rerun_skips(grpo_config, assets, tmp_path, caplog):
+    cfg = online_dpo(grpo_config, assets, tmp_path / "run", reference={"cpus": 1},
+                     rl={"rounds": 2})
     result = train(cfg)
     assert result.after["eval/reward"] >= result.before["eval/reward"] + REWARD_GAIN, result.summary()
     root = tmp_path / "run"
