@@ -239,10 +239,9 @@ class OfflineRoles(RoleSet):
             if "reference" in cfg.roles():
                 self.reference = self._keep(self.placement.start("reference", Reference, (cfg,)))
             self.policy = self._keep(self.placement.start("policy", PolicyTrainer, (cfg,)))
-            setup = [self.policy.submit("setup", *ray.get(self.policy.actors[0].address.remote()))]
+            self.n_params = setup_trainers(self.policy)[0]  # the reference loads meanwhile
             if self.reference is not None:
                 ray.get([a.ready.remote() for a in self.reference.actors])
-            self.n_params = self.policy.gather("setup", setup[0])[0]
         except BaseException:
             self.shutdown()
             raise
@@ -255,10 +254,6 @@ class OfflineRoles(RoleSet):
                 ray.util.remove_placement_group(self.reference.placement_group)
                 self.placement.groups.pop("reference", None)
             self.reference = None
-
-
-def role_usage(groups: list) -> dict:
-    return {g.role: g.usage() for g in groups if g is not None}
 
 
 def merge_usage(parts: list[dict]) -> dict:
