@@ -27,6 +27,13 @@ def lr_lambda(warmup: int, total: int, schedule: str):
     return f
 
 
+def clips_itself(cfg, role_cfg) -> bool:
+    """Whether the actor clips gradients itself rather than DeepSpeed: ZeRO-0 in float32, where
+    the gradients are plain ``.grad`` tensors and one foreach norm gives both the clip and the
+    logged grad norm (DeepSpeed would compute the norm again, a parameter at a time)."""
+    return role_cfg.zero_stage == 0 and cfg.model.dtype == "float32"
+
+
 def deepspeed_config(cfg, role_cfg) -> dict:
     """DeepSpeed's config for a role whose replicas split ``train.batch_size`` samples a step."""
     per_actor = cfg.train.batch_size // role_cfg.actors
@@ -35,7 +42,7 @@ def deepspeed_config(cfg, role_cfg) -> dict:
         "train_batch_size": cfg.train.batch_size,
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": per_actor // micro,
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if clips_itself(cfg, role_cfg) else cfg.optim.grad_clip,
         "zero_optimization": {"stage": role_cfg.zero_stage},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
@@ -93,11 +100,19 @@ class DeepSpeedActor(Measured):
         return self.engine
 
     def step(self) -> None:
-        """engine.step(), noting the global grad norm where DeepSpeed reports none (ZeRO-0)."""
+        """engine.step(), noting the global grad norm where DeepSpeed reports none (ZeRO-0),
+        and clipping there first where the actor clips itself (:func:`clips_itself`). At the
+        accumulation boundary the gradients are already all-reduced (in engine.backward)."""
         engine = self.engine
         if self.role_cfg.zero_stage == 0 and engine.is_gradient_accumulation_boundary():
-            grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-            self._own_norm = torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+            params = [p for p in engine.module.parameters() if p.grad is not None]
+            if not params:
+                self._own_norm = 0.0
+            elif clips_itself(self.cfg, self.role_cfg) and self.cfg.optim.grad_clip > 0:
+                self._own_norm = torch.nn.utils.clip_grad_norm_(
+                    params, self.cfg.optim.grad_clip, foreach=True).item()
+            else:
+                self._own_norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
         engine.step()
 
     def grad_norm(self) -> float:

@@ -103,8 +103,10 @@ def build_inputs(seqs: list[Sequence], pack: bool | str, pad_id: int = 0) -> Mod
 
 @contextmanager
 def head_on_positions(model, keep: torch.Tensor):
-    """Feed only the ``keep`` positions (flat over rows*W) to the model's LM head."""
-    head = getattr(model, "module", model).get_output_embeddings()
+    """Feed only the ``keep`` positions (flat over rows*W) to the model's LM head, and to the
+    last block's MLP (see :func:`last_mlp_on_positions`)."""
+    inner = getattr(model, "module", model)
+    head = inner.get_output_embeddings()
 
     def select(_module, args):
         hidden = args[0]
@@ -112,9 +114,58 @@ def head_on_positions(model, keep: torch.Tensor):
 
     handle = head.register_forward_pre_hook(select)
     try:
-        yield
+        with last_mlp_on_positions(inner, keep):
+            yield
     finally:
         handle.remove()
+
+
+def last_mlp(model) -> torch.nn.Module | None:
+    """The MLP of the model's last transformer block, where the block list is one of the
+    layouts transformers' dense causal LMs use (``layers`` or ``h`` on the base model)."""
+    base = getattr(model, "base_model", model)
+    for name in ("layers", "h"):
+        blocks = getattr(base, name, None)
+        if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+            mlp = getattr(blocks[-1], "mlp", None)
+            return mlp if isinstance(mlp, torch.nn.Module) else None
+    return None
+
+
+@contextmanager
+def last_mlp_on_positions(model, keep: torch.Tensor):
+    """Run the last block's MLP on the ``keep`` positions only; the others get zeros.
+
+    Past the last block a position's hidden state feeds nothing but the head, and the head
+    reads ``keep`` alone; attention is the only place where positions meet, and the last
+    MLP comes after it. So the other positions' MLP output is never read, and for a reward
+    model (one position per sequence) or a prompt-heavy batch most of that MLP's work goes.
+    The MLP is applied to each position on its own in every dense family, which is what makes
+    this exact. Left off under gradient checkpointing, whose recompute runs without hooks.
+    """
+    mlp = last_mlp(model)
+    if mlp is None or getattr(model, "is_gradient_checkpointing", False):
+        yield
+        return
+    shape = {}
+
+    def select(_module, args):
+        hidden = args[0]
+        shape["in"] = hidden.shape
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        return (flat[keep].unsqueeze(0),) + tuple(args[1:])
+
+    def scatter(_module, _args, out):
+        rows = shape["in"][:-1].numel()
+        full = out.new_zeros(rows, out.shape[-1]).index_copy(0, keep, out[0])
+        return full.reshape(*shape["in"][:-1], out.shape[-1])
+
+    handles = [mlp.register_forward_pre_hook(select), mlp.register_forward_hook(scatter)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def model_kwargs(model, inputs: ModelInputs) -> dict:
@@ -159,19 +210,24 @@ def token_logprobs_and_hits(model, inputs: ModelInputs) -> tuple[torch.Tensor, t
 def sequence_scores(model, inputs: ModelInputs) -> torch.Tensor:
     """A one-output sequence classifier's score at each sequence's last token (a reward
     model's reward), in sequence order. The model's own pooling (the last non-pad token of a
-    row) cannot read packed rows, so the score head's output is read at ``inputs.last``."""
-    head = getattr(getattr(model, "module", model), "score", None)
+    row) cannot read packed rows, so the score head's output is read at ``inputs.last``; the
+    last block's MLP runs on those positions alone."""
+    inner = getattr(model, "module", model)
+    head = getattr(inner, "score", None)
     if head is None:
-        raise TypeError(f"{type(getattr(model, 'module', model)).__name__} has no 'score' head; "
+        raise TypeError(f"{type(inner).__name__} has no 'score' head; "
                         f"a reward model is an AutoModelForSequenceClassification")
     seen = []
+    kwargs = model_kwargs(model, inputs)
+    last = inputs.last.to(kwargs["input_ids"].device)
     handle = head.register_forward_hook(lambda _module, _args, out: seen.append(out))
     try:
-        model(**model_kwargs(model, inputs))
+        with last_mlp_on_positions(inner, last):
+            model(**kwargs)
     finally:
         handle.remove()
     scores = seen[0]
-    return scores.reshape(-1, scores.shape[-1])[inputs.last.to(scores.device), 0].float()
+    return scores.reshape(-1, scores.shape[-1])[last, 0].float()
 
 
 def by_sequence(flat: torch.Tensor, inputs: ModelInputs) -> torch.Tensor:
