@@ -45,9 +45,10 @@ from pathlib import Path
 
 from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
 from bench_env import memory_line, process_peak_mib, role_peaks
-from vs_trl import (CORES, LR, StepClock, bench_model, fmt, load_line, packing, parse_args,
+from vs_trl import (CORES, LR, alternate, bench_model, fmt, load_line, packing, parse_args,
                     preference_data, rate, rayalign_config, rayalign_figures, rayalign_steps,
-                    spread_rows, step_figures, torch_threads, trl_args, versions, write_results)
+                    rounds_tail, spread_rows, step_figures, StepClock, torch_threads, trl_args,
+                    versions, write_results)
 
 log = logging.getLogger("dpo_throughput")
 
@@ -248,13 +249,14 @@ def main(argv=None) -> int:
 
     model_dir, n_params = bench_model(args)
     train_path, rows, _ = preference_data(args, model_dir)
-    ray_res = run_rayalign(args, model_dir, train_path)
-    trl_res = run_trl(args, model_dir, rows)
+    ray_res, trl_res, ratios = alternate(args, lambda: run_rayalign(args, model_dir, train_path),
+                                         lambda: run_trl(args, model_dir, rows), "pairs_per_s")
 
-    table = report(args, n_params, ray_res, trl_res)
+    table = report(args, n_params, ray_res, trl_res) + rounds_tail(ratios)
     print(table, flush=True)
     write_results(args, {"model_params": n_params, "rayalign": ray_res, "trl": trl_res,
-                         "ratio": ray_res["pairs_per_s"] / trl_res["pairs_per_s"]})
+                         "ratio": ray_res["pairs_per_s"] / trl_res["pairs_per_s"],
+                         "round_ratios": ratios})
     return 0
 
 

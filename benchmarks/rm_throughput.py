@@ -46,9 +46,9 @@ import time
 from pathlib import Path
 
 from bench_env import REPO, setup_logging  # noqa: E402,F401  (sets the environment first)
-from vs_trl import (CORES, LR, StepClock, TokenTally, fmt, laid_out,
-                    load_line, packing, parse_args, preference_data, rate, rayalign_config,
-                    rayalign_figures, rayalign_steps, bench_model, spread_rows, step_figures,
+from vs_trl import (CORES, LR, alternate, bench_model, fmt, laid_out, load_line, packing,
+                    parse_args, preference_data, rate, rayalign_config, rayalign_figures,
+                    rayalign_steps, rounds_tail, spread_rows, step_figures, StepClock, TokenTally,
                     torch_threads, trl_args, versions, write_results)
 
 log = logging.getLogger("rm_throughput")
@@ -235,12 +235,13 @@ def main(argv=None) -> int:
 
     model_dir, n_params = bench_model(args)
     train_path, rows, pairs = preference_data(args, model_dir)
-    ray_res = run_rayalign(args, model_dir, train_path, pairs)
-    trl_res = run_trl(args, model_dir, rows, pairs)
+    ray_res, trl_res, ratios = alternate(args, lambda: run_rayalign(args, model_dir, train_path, pairs),
+                                         lambda: run_trl(args, model_dir, rows, pairs), "pairs_per_s")
 
-    print(report(args, n_params, ray_res, trl_res), flush=True)
+    print(report(args, n_params, ray_res, trl_res) + rounds_tail(ratios), flush=True)
     write_results(args, {"model_params": n_params, "rayalign": ray_res, "trl": trl_res,
-                         "ratio": ray_res["pairs_per_s"] / trl_res["pairs_per_s"]})
+                         "ratio": ray_res["pairs_per_s"] / trl_res["pairs_per_s"],
+                         "round_ratios": ratios})
     return 0
 
 

@@ -53,6 +53,10 @@ def parse_args(doc: str, default_out: str, row: str, argv=None, extra=None) -> a
     p.add_argument("--batch-size", type=int, default=8, help=f"{row} per optimizer step")
     p.add_argument("--max-length", type=int, default=None,
                    help="longest prompt+response in tokens (default: 256 small, 384 medium)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the two systems this many times, alternately (rayalign, TRL, "
+                        "rayalign, ...), and report the round with the median ratio; drift in "
+                        "the machine's speed then falls on both sides")
     p.add_argument("--out", default=default_out, help="work dir: model, data, run dirs, results")
     p.add_argument("--rayalign-actors", type=int, default=1,
                    help="policy replicas for rayalign (they share the machine's cores)")
@@ -75,6 +79,8 @@ def parse_args(doc: str, default_out: str, row: str, argv=None, extra=None) -> a
         p.error("--steps and --batch-size must be at least 1")
     if not 0 <= args.warmup_steps < args.steps:
         p.error("--warmup-steps must be in [0, --steps)")
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if args.rayalign_actors < 1:
         p.error("--rayalign-actors must be at least 1")
     return args
@@ -318,6 +324,29 @@ def versions() -> str:
 
 def fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def alternate(args, run_ours, run_trl, key: str) -> tuple[dict, dict, list[float]]:
+    """``--rounds`` rounds of (rayalign, TRL): the results of the round whose ratio of ``key``
+    is the median (the lower middle one for an even count), and every round's ratio."""
+    rounds = []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            log.info("round %d of %d", r + 1, args.rounds)
+        ours, theirs = run_ours(), run_trl()
+        rounds.append((ours[key] / theirs[key], ours, theirs))
+    ratios = [ratio for ratio, _, _ in rounds]
+    _, ours, theirs = sorted(rounds, key=lambda t: t[0])[(len(rounds) - 1) // 2]
+    return ours, theirs, ratios
+
+
+def rounds_tail(ratios: list[float]) -> str:
+    """The report's last paragraph when there was more than one round: what the headline
+    ratio is."""
+    if len(ratios) == 1:
+        return ""
+    return (f"\n\nRatio per round, in run order: {', '.join(f'{r:.2f}x' for r in ratios)}; the "
+            f"tables show the median round ({statistics.median_low(ratios):.2f}x).")
 
 
 def write_results(args, results: dict) -> None:
