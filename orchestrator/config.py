@@ -321,6 +321,9 @@ class FaultConfig:
     preempt_file: Optional[str] = param(None, "a path whose appearance asks the run to stop as "
                                               "on SIGTERM (finish the step, checkpoint, exit 0): "
                                               "for schedulers that announce preemption by file")
+    stop_on_drain: bool = param(True, "stop as on SIGTERM when Ray drains a node that holds the "
+                                      "driver or a trainer rank (the autoscaler's notice before "
+                                      "preemption, or `ray drain-node` from a cloud's hook)")
     enabled: bool = param(True, "recover failed roles in place (see max_restarts); false: a "
                                 "failure stops the run with a checkpoint, as max_restarts 0")
     max_restarts: int = param(2, "replacements in place per role (rollout, reward, reference; "

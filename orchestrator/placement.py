@@ -261,3 +261,32 @@ def place(req: RoleRequest, timeout_s: float, cluster: ClusterConfig | None = No
     raise PlacementError(
         f"role '{req.role}': placement of {req.actors} x {_fmt(req.bundle())} not ready after "
         f"{limit:g}s ({knob}); free resources or lower the request")
+
+
+def draining(node_ids: set[str]) -> dict[str, float | None]:
+    """Which of ``node_ids`` (hex) Ray is draining: the autoscaler before it preempts or
+    retires a node, or a cloud's preemption hook calling ``ray drain-node``. Node id -> seconds
+    left before its deadline (None: no deadline given). Empty where the query fails (an older
+    head): a stop request must never be what breaks a run."""
+    from ray._private.state import state
+    try:
+        nodes = state.get_draining_nodes()
+    except Exception as exc:  # noqa: BLE001  (the query is advisory)
+        log.debug("draining nodes not known: %s", exc)
+        return {}
+    now_ms = time.time() * 1000
+    return {node: (max(0.0, (deadline - now_ms) / 1000) if deadline else None)
+            for node, deadline in nodes.items() if node in node_ids}
+
+
+def nodes_of(groups) -> set[str]:
+    """The nodes (hex ids) that hold the driver and the bundles of ``groups``' placement
+    groups."""
+    nodes = {ray.get_runtime_context().get_node_id()}
+    for group in groups:
+        pg = getattr(group, "placement_group", None)
+        if pg is not None:
+            nodes |= {n for n in ray.util.placement_group_table(pg)["bundles_to_node_id"].values()
+                      if n}
+    return nodes
+

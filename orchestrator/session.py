@@ -186,7 +186,27 @@ class RunSession:
         preempt = self.cfg.fault.preempt_file
         if self.stop_why is None and preempt and Path(preempt).exists():
             self.stop_why = f"preemption notice {preempt}"
+        if self.stop_why is None and self.cfg.fault.stop_on_drain:
+            self.stop_why = self._drain_notice()
         return self.stop_why
+
+    def _drain_notice(self) -> str | None:
+        """Why to stop when Ray drains a node that holds the driver or a trainer rank (whose
+        state a replacement could not keep); engines, reward and reference are replaced in
+        place when their node goes, as for any other failure."""
+        import ray
+
+        from orchestrator.placement import draining, nodes_of
+        if not ray.is_initialized():
+            return None
+        found = draining(nodes_of(getattr(self, "trainables", [])))
+        if not found:
+            return None
+        node, left = sorted(found.items())[0]
+        when = "no deadline given" if left is None else f"deadline in {left:.0f}s"
+        log.warning("Ray is draining node %s (%s), which holds this run's driver or trainers: "
+                    "stopping after the current step (with a checkpoint)", node, when)
+        return f"node {node} is being drained ({when})"
 
     # ---- failures ----------------------------------------------------------------------------
     def update_started(self) -> None:

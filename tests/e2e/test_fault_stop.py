@@ -217,3 +217,54 @@ def test_async_run_killed_and_resumed_trains_every_row_once(assets, tmp_path, gr
     assert [e["step"] for e in ledger] == list(range(1, cfg["train"]["max_steps"] + 1))
     assert [e["rows"] for e in ledger] == drawn_rows(cfg)
     assert all(e["samples_per_row"] == cfg["rl"]["group_size"] for e in ledger)
+
+
+def gcs_of(run: Run) -> tuple[str, str]:
+    """(GCS address, node id) of the run's embedded Ray, read from its gcs_server's command
+    line and the port file it writes into the session dir (the process descends from the
+    driver)."""
+    out = subprocess.run(["pgrep", "-f", "gcs/gcs_server"], capture_output=True, text=True).stdout
+    for pid in map(int, out.split()):
+        p = pid
+        while p > 1 and p != run.proc.pid:
+            p = _parent(p)
+        if p == run.proc.pid:
+            args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+            flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
+            node = flags["node-id"]
+            port = (Path(flags["session-dir"]) / f"gcs_server_port_{node}").read_text().strip()
+            return f"{flags['node-ip-address']}:{port}", node
+    raise AssertionError("the run's gcs_server was not found")
+
+
+def test_preemption_file_stops_after_the_step(make_config, tmp_path):
+    notice = tmp_path / "preempted"
+    cfg = make_config("train.max_steps=40", "log.progress_bar=false", "eval.reward_fn=null",
+                      f"fault.preempt_file={notice}")
+    run = Run(cfg.to_dict(), tmp_path).start()
+    run.wait_for_step(2)
+    notice.touch()
+    assert run.finish(timeout=120) == 0, run.output()
+    stopped = max(r["step"] for r in run.steps())
+    assert f"stopped on preemption notice {notice} after step {stopped}" in run.output()
+    assert stopped < 40 and (checkpoint(cfg.run_dir, stopped) / MARKER).is_file()
+
+
+def test_ray_draining_the_trainers_node_stops_after_the_step(make_config, tmp_path):
+    # what Ray's autoscaler does before it preempts a node, here with Ray's own command
+    cfg = make_config("train.max_steps=40", "log.progress_bar=false", "eval.reward_fn=null")
+    run = Run(cfg.to_dict(), tmp_path).start()
+    run.wait_for_step(2)
+    address, node = gcs_of(run)
+    ray_cli = Path(sys.executable).with_name("ray")
+    drain = subprocess.run(
+        [str(ray_cli), "drain-node", "--address", address, "--node-id", node,
+         "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message", "spot preemption",
+         "--deadline-remaining-seconds", "600"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "RAY_AUTH_MODE": "token"})
+    assert drain.returncode == 0, drain.stderr[-2000:]
+    assert run.finish(timeout=120) == 0, run.output()
+    out = run.output()
+    stopped = max(r["step"] for r in run.steps())
+    assert f"stopped on node {node} is being drained (deadline in " in out, out[-3000:]
+    assert stopped < 40 and (checkpoint(cfg.run_dir, stopped) / MARKER).is_file()
