@@ -81,14 +81,14 @@ def actor_pids(run: Run, name: str) -> list[int]:
     """Pids of the run's Ray workers hosting actor class ``name`` (Ray titles them
     ray::<Class>; the run's embedded Ray descends from its process)."""
     out = subprocess.run(["pgrep", "-f", f"ray::{name}"], capture_output=True, text=True).stdout
-    mine = []
-    for pid in map(int, out.split()):
-        p = pid
-        while p > 1 and p != run.proc.pid:
-            p = _parent(p)
-        if p == run.proc.pid:
-            mine.append(pid)
-    return sorted(mine)
+    return sorted(pid for pid in map(int, out.split()) if _of_run(pid, run))
+
+
+def _of_run(pid: int, run: Run) -> bool:
+    """Whether process ``pid`` descends from the run's driver."""
+    while pid > 1 and pid != run.proc.pid:
+        pid = _parent(pid)
+    return pid == run.proc.pid
 
 
 def checkpoint(run_dir, step: int) -> Path:
@@ -225,10 +225,7 @@ def gcs_of(run: Run) -> tuple[str, str]:
     driver)."""
     out = subprocess.run(["pgrep", "-f", "gcs/gcs_server"], capture_output=True, text=True).stdout
     for pid in map(int, out.split()):
-        p = pid
-        while p > 1 and p != run.proc.pid:
-            p = _parent(p)
-        if p == run.proc.pid:
+        if _of_run(pid, run):
             args = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
             flags = dict(a[2:].split("=", 1) for a in args if a.startswith("--") and "=" in a)
             node = flags["node-id"]
