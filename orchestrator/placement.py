@@ -263,8 +263,9 @@ def place(req: RoleRequest, timeout_s: float, cluster: ClusterConfig | None = No
         f"{limit:g}s ({knob}); free resources or lower the request")
 
 
-def draining(node_ids: set[str]) -> dict[str, float | None]:
-    """Which of ``node_ids`` (hex) Ray is draining: the autoscaler before it preempts or
+def draining(node_ids: Callable[[], set[str]]) -> dict[str, float | None]:
+    """Which of the nodes ``node_ids()`` names (hex; asked only when some node drains, so a
+    step end costs one query) Ray is draining: the autoscaler before it preempts or
     retires a node, or a cloud's preemption hook calling ``ray drain-node``. Node id -> seconds
     left before its deadline (None: no deadline given). Empty where the query fails (an older
     head): a stop request must never be what breaks a run."""
@@ -274,9 +275,11 @@ def draining(node_ids: set[str]) -> dict[str, float | None]:
     except Exception as exc:  # noqa: BLE001  (the query is advisory)
         log.debug("draining nodes not known: %s", exc)
         return {}
-    now_ms = time.time() * 1000
+    if not nodes:
+        return {}
+    ours, now_ms = node_ids(), time.time() * 1000
     return {node: (max(0.0, (deadline - now_ms) / 1000) if deadline else None)
-            for node, deadline in nodes.items() if node in node_ids}
+            for node, deadline in nodes.items() if node in ours}
 
 
 def nodes_of(groups) -> set[str]:

@@ -199,7 +199,7 @@ class RunSession:
         from orchestrator.placement import draining, nodes_of
         if not ray.is_initialized():
             return None
-        found = draining(nodes_of(getattr(self, "trainables", [])))
+        found = draining(lambda: nodes_of(getattr(self, "trainables", [])))
         if not found:
             return None
         node, left = sorted(found.items())[0]
