@@ -106,18 +106,23 @@ def head_on_positions(model, keep: torch.Tensor):
     """Feed only the ``keep`` positions (flat over rows*W) to the model's LM head, and to the
     last block's MLP (see :func:`last_mlp_on_positions`)."""
     inner = getattr(model, "module", model)
-    head = inner.get_output_embeddings()
-
-    def select(_module, args):
-        hidden = args[0]
-        return (hidden.reshape(-1, hidden.shape[-1])[keep].unsqueeze(0),) + tuple(args[1:])
-
-    handle = head.register_forward_pre_hook(select)
+    handle = inner.get_output_embeddings().register_forward_pre_hook(_picker(keep))
     try:
         with last_mlp_on_positions(inner, keep):
             yield
     finally:
         handle.remove()
+
+
+def _picker(keep: torch.Tensor, shape: dict | None = None):
+    """A forward pre-hook that hands a module the ``keep`` positions (flat over rows*W) of its
+    hidden-state input as one row; ``shape`` notes the input's shape under "in"."""
+    def pick(_module, args):
+        hidden = args[0]
+        if shape is not None:
+            shape["in"] = hidden.shape
+        return (hidden.reshape(-1, hidden.shape[-1])[keep].unsqueeze(0),) + tuple(args[1:])
+    return pick
 
 
 def last_mlp(model) -> torch.nn.Module | None:
@@ -149,18 +154,13 @@ def last_mlp_on_positions(model, keep: torch.Tensor):
         return
     shape = {}
 
-    def select(_module, args):
-        hidden = args[0]
-        shape["in"] = hidden.shape
-        flat = hidden.reshape(-1, hidden.shape[-1])
-        return (flat[keep].unsqueeze(0),) + tuple(args[1:])
-
     def scatter(_module, _args, out):
         rows = shape["in"][:-1].numel()
         full = out.new_zeros(rows, out.shape[-1]).index_copy(0, keep, out[0])
         return full.reshape(*shape["in"][:-1], out.shape[-1])
 
-    handles = [mlp.register_forward_pre_hook(select), mlp.register_forward_hook(scatter)]
+    handles = [mlp.register_forward_pre_hook(_picker(keep, shape)),
+               mlp.register_forward_hook(scatter)]
     try:
         yield
     finally:
