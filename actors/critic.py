@@ -22,7 +22,8 @@ from orchestrator.rl_losses import value_loss
 log = logging.getLogger(__name__)
 
 
-def load_value_model(path: str, dtype: str, attn_implementation: str):
+def load_value_model(path: str, dtype: str, attn_implementation: str,
+                     trust_remote_code: bool = False):
     """A token-level 1-output head over the transformer in ``path``, without dropout.
 
     A reward model's head (``score``) is kept; a head the checkpoint lacks starts at zero, so
@@ -30,7 +31,7 @@ def load_value_model(path: str, dtype: str, attn_implementation: str):
     """
     from transformers import AutoConfig, AutoModelForTokenClassification
     from transformers.utils import logging as hf_logging
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     config.num_labels, config.classifier_dropout = 1, 0.0
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a missing head is expected: it is made here
@@ -38,7 +39,7 @@ def load_value_model(path: str, dtype: str, attn_implementation: str):
         model, info = AutoModelForTokenClassification.from_pretrained(
             path, config=config, dtype=DTYPES[dtype],
             attn_implementation=attention(attn_implementation),
-            output_loading_info=True)
+            output_loading_info=True, trust_remote_code=trust_remote_code)
     finally:
         hf_logging.set_verbosity(verbosity)
     log.info("value model from %s; new head parameters: %s", path,
@@ -66,10 +67,11 @@ class Critic(DeepSpeedActor):
         self.join_world(master_addr, master_port)
         torch.manual_seed(cfg.train.seed)
         path = cfg.critic.model_path or cfg.model.path
-        model = load_value_model(path, cfg.model.dtype, cfg.model.attn_implementation)
+        model = load_value_model(path, cfg.model.dtype, cfg.model.attn_implementation,
+                                 cfg.model.trust_remote_code)
         if cfg.critic.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.build_engine(model, cfg.critic.lr)
         return sum(p.numel() for p in model.parameters())

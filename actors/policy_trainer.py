@@ -41,7 +41,7 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         cfg = self.cfg
         self.join_world(master_addr, master_port)
         torch.manual_seed(cfg.train.seed)
-        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id or 0
         model = (load_reward_model(cfg.model, self.pad_id) if cfg.algorithm == "rm"
                  else load_causal_lm(cfg.model, trainable=True))
@@ -146,10 +146,13 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
     @dispatch(SCATTER)
     def sample_responses(self, prompts: list[list[int]], max_new_tokens: int,
                          temperature: float, seed: int) -> list[list[int]]:
-        """Sample one response per prompt (ids, EOS excluded); training RNG is left untouched."""
+        """Sample one response per prompt (ids, up to the first of the generation config's EOS
+        ids, excluded); training RNG is left untouched."""
         model = self.engine.module
         model.eval()
-        eos, out = self.tokenizer.eos_token_id, []
+        eos = model.generation_config.eos_token_id
+        eos = set([eos] if isinstance(eos, int) else eos or [self.tokenizer.eos_token_id])
+        out = []
         synced = self.cfg.policy.zero_stage == 3 and self.world_size > 1
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(seed + self.rank)
@@ -161,10 +164,10 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
                 mask[i, width - len(p):] = 1
             gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=True,
                                  temperature=temperature, top_k=0, top_p=1.0,
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos,
+                                 max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
                                  pad_token_id=self.pad_id, synced_gpus=synced)
         for row in gen[:, width:].tolist():
-            out.append(row[:row.index(eos)] if eos in row else row)
+            out.append(row[:next((j for j, t in enumerate(row) if t in eos), len(row))])
         return out
 
     # ---- checkpoints ----------------------------------------------------------------------

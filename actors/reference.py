@@ -14,7 +14,7 @@ class Reference(Measured):
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         self.model = load_causal_lm(cfg.model, trainable=False)
-        self.pad_id = load_tokenizer(cfg.model.path).pad_token_id or 0
+        self.pad_id = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code).pad_token_id or 0
 
     def ready(self) -> bool:
         return True

@@ -79,6 +79,7 @@ class RewardSettings:
     dtype: str = "float32"          # kind model: weights and activations
     cpus: float = 1.0               # CPUs per replica (torch threads for kind model)
     gpus: float = 0.0               # GPUs per replica (kind model runs on CUDA when > 0)
+    trust_remote_code: bool = False  # kind model: run the modelling code the checkpoint ships
 
     def check(self) -> None:
         """Raise ValueError naming the field when the combination cannot work."""
@@ -261,14 +262,16 @@ class HttpReward:
 class ModelReward:
     """Kind model: a sequence classifier with one label, scored in micro batches."""
 
-    def __init__(self, path: str, micro_batch: int, dtype: str, device: str):
+    def __init__(self, path: str, micro_batch: int, dtype: str, device: str,
+                 trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from actors.runtime import DTYPES
         self.source, self.micro_batch, self.device = f"reward model {path}", micro_batch, device
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=DTYPES[dtype], output_loading_info=True)
+            path, dtype=DTYPES[dtype], output_loading_info=True,
+            trust_remote_code=trust_remote_code)
         if info.get("missing_keys"):
             raise RewardError(f"{self.source}: not a trained reward model, weights missing for "
                               f"{sorted(info['missing_keys'])[:4]} (a causal LM dir?)")
@@ -326,7 +329,8 @@ def make_reward(settings: RewardSettings):
                           settings.micro_batch, settings.on_failure, settings.auth_env)
     import torch
     device = "cuda" if settings.gpus > 0 and torch.cuda.is_available() else "cpu"
-    return ModelReward(settings.model_path, settings.micro_batch, settings.dtype, device)
+    return ModelReward(settings.model_path, settings.micro_batch, settings.dtype, device,
+                       settings.trust_remote_code)
 
 
 class RewardScorer(Measured):

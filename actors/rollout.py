@@ -55,6 +55,7 @@ class RolloutSettings:
     cpus: float = 1.0                    # hf: the role's CPUs, its torch threads (vLLM binds its
                                          # own, cpu_threads_bind)
     max_num_seqs: int | None = None      # sequences decoded at once (None: vLLM's default; hf 256)
+    trust_remote_code: bool = False      # run the modelling code the checkpoint ships
 
 
 @dataclass
@@ -215,6 +216,7 @@ class RolloutEngine(EngineBase):
             max_model_len=s.max_model_len, dtype=s.dtype, seed=s.seed + rank,
             enforce_eager=s.enforce_eager, gpu_memory_utilization=s.gpu_memory_utilization,
             logprobs_mode=s.logprobs_mode, distributed_executor_backend=backend,
+            trust_remote_code=s.trust_remote_code,
             worker_extension_cls="actors.vllm_weight_engine.WeightSyncExtension")
         if s.max_num_seqs is not None:
             kwargs["max_num_seqs"] = s.max_num_seqs

@@ -49,8 +49,10 @@ class HFRolloutEngine(EngineBase):
         t0 = time.perf_counter()
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                s.model_path, dtype=DTYPES[s.dtype], attn_implementation="sdpa")
-            tokenizer = AutoTokenizer.from_pretrained(s.model_path)
+                s.model_path, dtype=DTYPES[s.dtype], attn_implementation="sdpa",
+                trust_remote_code=s.trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(s.model_path,
+                                                      trust_remote_code=s.trust_remote_code)
         except Exception as e:
             raise RuntimeError(f"rollout engine {rank}: transformers could not load "
                                f"{s.model_path} ({type(e).__name__}: {e})") from e

@@ -61,16 +61,17 @@ def load_causal_lm(model_cfg, trainable: bool):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(
         model_cfg.path, dtype=DTYPES[model_cfg.dtype],
-        attn_implementation=attention(model_cfg.attn_implementation))
+        attn_implementation=attention(model_cfg.attn_implementation),
+        trust_remote_code=model_cfg.trust_remote_code)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
     return model
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def load_reward_model(model_cfg, pad_id: int):
@@ -84,7 +85,8 @@ def load_reward_model(model_cfg, pad_id: int):
 
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
-    config = AutoConfig.from_pretrained(model_cfg.path)
+    config = AutoConfig.from_pretrained(model_cfg.path,
+                                        trust_remote_code=model_cfg.trust_remote_code)
     config.num_labels = 1
     text_cfg = config.get_text_config()
     if text_cfg.pad_token_id is None:
@@ -94,7 +96,8 @@ def load_reward_model(model_cfg, pad_id: int):
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             model_cfg.path, config=config, dtype=DTYPES[model_cfg.dtype],
-            attn_implementation=attention(model_cfg.attn_implementation), output_loading_info=True)
+            attn_implementation=attention(model_cfg.attn_implementation), output_loading_info=True,
+            trust_remote_code=model_cfg.trust_remote_code)
     finally:
         hf_logging.set_verbosity(verbosity)
     new = [k for k in info["missing_keys"] if not k.startswith("score.")]

@@ -98,7 +98,7 @@ def config(args, model_dir: Path, paths: dict, rm_dir: Path, inject: str | None)
         "checkpoint": {"every": 1, "keep": 2},
         "fault": {"inject": inject, "max_restarts": 1},
         "cluster": {"num_cpus": 4},
-        "log": {"progress_bar": False, "tensorboard": False},
+        "log": {"progress_bar": False, "trackers": []},
     })
 
 

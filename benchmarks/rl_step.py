@@ -198,7 +198,7 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str, backe
                   "max_steps": args.steps, "seed": 0},
         "eval": {"num_prompts": args.eval_prompts},
         "cluster": {"num_cpus": 1 + policy_cpus + rollout_cpus},
-        "log": {"progress_bar": False, "tensorboard": False},
+        "log": {"progress_bar": False, "trackers": []},
     }, args.set)
     log.info("rayalign %s, %s: GRPO, %d steps; policy 1 x %d CPU (ZeRO-0), reference 0.5, reward "
              "0.5, rollout 1 %s engine x %d CPU; embedded Ray with %d logical CPUs", mode, backend,

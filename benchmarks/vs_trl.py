@@ -167,7 +167,7 @@ def rayalign_config(args, algorithm: str, model_dir: Path, train_path: Path, **s
         "eval": {"reward_fn": None},
         "checkpoint": {"every": 0, "resume": "never"},
         "cluster": {"num_cpus": CORES},
-        "log": {"progress_bar": False, "tensorboard": False},
+        "log": {"progress_bar": False, "trackers": []},
     }
     cfg.update(sections)
     return cfg

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         "eval": {"num_prompts": 32},
         "checkpoint": {"resume": "never"},
         "cluster": {"num_cpus": 4 if ppo else 3},
-        "log": {"tensorboard": False},
+        "log": {"trackers": []},
     })
     result = train(cfg)
     logging.getLogger("example").info(

@@ -31,6 +31,7 @@ class EvalSettings:
     prompt_key: str = "prompt"
     gold: str | None = None      # module:function scoring (prompt, response) strings
     cpus: float = 1.0            # torch threads
+    trust_remote_code: bool = False  # run the modelling code the checkpoints ship
 
 
 def evaluate_policy(model_dir: str, reference_dir: str, reward_model_dir: str | None,
@@ -45,14 +46,15 @@ def evaluate_policy(model_dir: str, reference_dir: str, reward_model_dir: str | 
     from orchestrator.evaluate import load_reward_fn
 
     s = settings
-    tokenizer = load_tokenizer(reference_dir)
+    tokenizer = load_tokenizer(reference_dir, s.trust_remote_code)
     prompts = load_prompts(s.prompts, tokenizer, s.max_model_len - s.max_new_tokens, "skip",
                            s.prompt_key)[0][:s.num_prompts]
 
     def engine(path: str) -> HFRolloutEngine:
         return HFRolloutEngine(0, 1, RolloutSettings(model_path=path, backend="hf", cpus=s.cpus,
                                                      max_model_len=s.max_model_len,
-                                                     weight_sync=False))
+                                                     weight_sync=False,
+                                                     trust_remote_code=s.trust_remote_code))
 
     samples = engine(model_dir).generate(
         [p.prompt_ids for p in prompts],
@@ -71,7 +73,8 @@ def evaluate_policy(model_dir: str, reference_dir: str, reward_model_dir: str | 
         out.update(gold_reward=mean(gold),
                    gold_per_prompt=[mean(gold[i:i + k]) for i in range(0, len(gold), k)])
     if reward_model_dir:
-        scorer = ModelReward(reward_model_dir, micro_batch=32, dtype="float32", device="cpu")
+        scorer = ModelReward(reward_model_dir, micro_batch=32, dtype="float32", device="cpu",
+                             trust_remote_code=s.trust_remote_code)
         out["proxy_reward"] = mean(scorer.score(
             [RewardSample(p.prompt_text, t, p.extra) for p, t in zip(owner, texts)]))
     return out

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
+from orchestrator import trackers
 from orchestrator.schema import ConfigError, build, describe, param, set_dotted
 
 
@@ -58,6 +59,9 @@ class ModelConfig:
                                                "attention within each (actors/packed_attention.py; "
                                                "sdpa outside packed forwards)",
                                      choices=("varlen", "sdpa", "eager"))
+    trust_remote_code: bool = param(False, "run the modelling and tokenizer code a checkpoint "
+                                           "ships (config.json auto_map) for every model of the "
+                                           "run; only for checkpoints you trust")
 
 
 @dataclass
@@ -353,7 +357,19 @@ class FaultConfig:
 class LogConfig:
     progress_bar: bool = param(True, "progress bars (steps, reference precompute) when stderr is "
                                      "a terminal; never in CI or job logs")
-    tensorboard: bool = param(True, "write TensorBoard event files into the run dir")
+    trackers: list[str] = param(help="experiment trackers that get the config, every step's "
+                                     "metrics and the final summary (metrics.jsonl is always "
+                                     "written); wandb and mlflow are optional extras",
+                                choices=trackers.KINDS, factory=lambda: ["tensorboard"])
+    project: str = param("rayalign", "W&B project / MLflow experiment the run is logged under")
+    run_name: Optional[str] = param(None, "the run's name in W&B / MLflow (default: the run "
+                                          "dir's name)")
+    wandb_mode: Optional[str] = param(None, "W&B mode (default: WANDB_MODE, else online); "
+                                            "offline writes under run_dir/wandb for `wandb sync`",
+                                      choices=("online", "offline", "disabled", None))
+    mlflow_uri: Optional[str] = param(None, "MLflow tracking URI: http(s):, sqlite:, file: "
+                                            "(default: MLFLOW_TRACKING_URI, else an sqlite store "
+                                            "run_dir/mlflow.db)")
     level: str = param("INFO", "logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
 
 
@@ -432,6 +448,7 @@ class RunConfig:
             if rank >= getattr(self, role).actors:
                 raise ConfigError(f"fault.inject: {role} has no rank {rank} ({role}.actors="
                                   f"{getattr(self, role).actors}); ranks count from 0")
+        self._check_trackers()
         if self.eval.reward_fn is not None and ":" not in self.eval.reward_fn:
             raise ConfigError(f"eval.reward_fn: {self.eval.reward_fn!r} must look like module:function")
         if self.algorithm not in ("dpo", "online_dpo"):
@@ -440,6 +457,16 @@ class RunConfig:
             raise ConfigError("dpo.label_smoothing: loss 'cdpo' needs a value in (0, 0.5)")
         if self.dpo.loss != "cdpo" and self.dpo.label_smoothing != 0:
             raise ConfigError(f"dpo.label_smoothing: only used by loss 'cdpo', not '{self.dpo.loss}'")
+
+    def _check_trackers(self) -> None:
+        named = self.log.trackers
+        if len(set(named)) != len(named):
+            raise ConfigError(f"log.trackers: {named} names a tracker twice; name each once")
+        absent = trackers.missing(named)
+        if absent:
+            raise ConfigError(f"log.trackers: {', '.join(absent)} not installed here; install "
+                              f"the extra (pip install 'rayalign[{','.join(absent)}]') or "
+                              f"remove it from log.trackers")
 
     @property
     def online(self) -> bool:
@@ -540,7 +567,7 @@ class RunConfig:
                 raise ConfigError(f"model.path: {model} not found; create one with "
                                   f"`rayalign tiny-model {model}`")
             if (model / "config.json").is_file():
-                check_family(model)
+                check_family(model, self.model.trust_remote_code)
         critic = self.critic.model_path
         if (self.uses_critic and critic and "critic.model_path" not in pending
                 and not (Path(critic) / "config.json").is_file()):
@@ -565,15 +592,23 @@ class RunConfig:
         return self.train.batch_size // self.policy.actors
 
 
-def check_family(model_dir: Path) -> None:
+def check_family(model_dir: Path, trust_remote_code: bool = False) -> None:
     """Refuse a model family whose transformers load converts checkpoint tensors (fuses or
     splits them, as for mixture-of-experts layers): the trainer's parameters would not be the
-    checkpoint's, which the rollout engines load and the weight sync sends by name."""
+    checkpoint's, which the rollout engines load and the weight sync sends by name. Refuse a
+    family whose code ships with the checkpoint unless ``model.trust_remote_code`` allows it."""
     import json
 
+    from transformers import CONFIG_MAPPING
     from transformers.conversion_mapping import (WeightRenaming,
                                                  get_checkpoint_conversion_mapping)
-    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type")
+    config = json.loads((model_dir / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING and config.get("auto_map") and not trust_remote_code:
+        raise ConfigError(f"model.path: {model_dir} is a {model_type!r} model whose code ships "
+                          f"with the checkpoint (config.json auto_map: "
+                          f"{', '.join(sorted(config['auto_map']))}); read that code, then set "
+                          f"model.trust_remote_code=true to run it")
     convs = get_checkpoint_conversion_mapping(model_type) if model_type else None
     fused = [type(c).__name__ for c in convs or [] if not isinstance(c, WeightRenaming)]
     if fused:

@@ -170,12 +170,33 @@ def response_text(value: Any, fld: str) -> str:
 
 
 class Tokenize:
-    """Chat template plus tokenizer: prompt ids and response ids (ending in EOS) apart."""
+    """Chat template plus tokenizer: prompt ids and response ids apart, the response ending as
+    the template ends an assistant turn (so that prompt + response ids are the template's
+    rendering of the whole conversation)."""
+
+    PROBE = "Probe reply"
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
         if tokenizer.eos_token_id is None:
             raise DataError("tokenizer has no eos_token; set one in tokenizer_config.json")
+        self.turn_end = self._turn_end()
+
+    def _turn_end(self) -> str:
+        """What the chat template writes after an assistant reply's text: ``<|im_end|>`` and a
+        newline for ChatML, ``<end_of_turn>`` and a newline for Gemma, ``<|eot_id|>`` for Llama
+        3. Without a template, or where the template writes no special token there (nothing
+        would stop generation), the tokenizer's EOS follows."""
+        end = ""
+        if self.tok.chat_template:
+            whole = self.render([{"role": "user", "content": "Probe prompt"},
+                                 {"role": "assistant", "content": self.PROBE}], generation=False)
+            if whole.count(self.PROBE) == 1:
+                end = whole[whole.index(self.PROBE) + len(self.PROBE):]
+        specials = set(self.tok.all_special_ids) | set(self.tok.added_tokens_decoder)
+        if not any(i in specials for i in self.ids(end)):
+            end += self.tok.eos_token
+        return end
 
     def render(self, messages: list[dict], generation: bool) -> str:
         if self.tok.chat_template:
@@ -194,7 +215,7 @@ class Tokenize:
         return text, self.ids(text)
 
     def response(self, text: str) -> list[int]:
-        return self.ids(text) + [self.tok.eos_token_id]
+        return self.ids(text + self.turn_end)
 
     def conversation(self, messages: list[dict], fld: str) -> tuple[list[int], ...]:
         """(context, reply, context, reply, ...) ids: every assistant turn is a reply, and
@@ -207,7 +228,6 @@ class Tokenize:
         if turns[0] == 0:
             raise _RowError(fld, "the first message is the assistant's; a reply needs context "
                                  "before it", "wrong type")
-        eos_text = self.tok.eos_token
         segments, done = [], ""
         for a in turns:
             context = self.render(messages[:a], generation=True)
@@ -225,7 +245,7 @@ class Tokenize:
                 segments.append([])
             segments.append(self.response(content))
             rest = whole[len(context) + len(content):]
-            done = context + content + (eos_text if rest.startswith(eos_text) else "")
+            done = context + content + (self.turn_end if rest.startswith(self.turn_end) else "")
         return tuple(segments)
 
 

@@ -7,6 +7,7 @@ import math
 from statistics import mean
 from typing import Callable
 
+from orchestrator.progress import pad_to_multiple
 from orchestrator.schema import ConfigError
 
 
@@ -24,20 +25,15 @@ def load_reward_fn(spec: str | None) -> Callable[[str, str], float] | None:
     return fn
 
 
-def pad_to_multiple(items: list, n: int) -> list:
-    """Repeat the last item so every replica gets as many (ZeRO-3 needs equal forwards)."""
-    extra = (-len(items)) % n
-    return items + [items[-1]] * extra
-
-
 def win(margin: float) -> float:
     """A pair ranked by ``margin`` (chosen minus rejected): right 1, tie 0.5, wrong 0."""
     return 1.0 if margin > 0 else 0.5 if margin == 0 else 0.0
 
 
-def preference_accuracy(policy, pairs, ref: list[tuple[float, float]], beta: float) -> dict:
-    """Share of held-out pairs whose chosen implicit reward beats the rejected (ties: half)."""
-    logps = policy.run("logprobs", pad_to_multiple(pairs, len(policy)))[:len(pairs)]
+def preference_accuracy(logps: list[tuple[float, float]], ref: list[tuple[float, float]],
+                        beta: float) -> dict:
+    """Share of held-out pairs whose chosen implicit reward beats the rejected (ties: half),
+    from the policy's and the reference's (chosen, rejected) log-probs of each pair."""
     wins, margins = [], []
     for (pc, pr), (rc, rr) in zip(logps, ref):
         margin = beta * ((pc - rc) - (pr - rr))
@@ -57,20 +53,21 @@ def sampled_reward(policy, tokenizer, pairs, reward_fn, eval_cfg, seed: int) -> 
             "eval/sample": texts[0]}
 
 
-def sft_heldout(policy, examples) -> dict:
-    """Held-out loss (mean NLL per trained token), its perplexity and token accuracy."""
-    scores = policy.run("sft_scores", pad_to_multiple(examples, len(policy)))[:len(examples)]
+def sft_heldout(scores: list[tuple[float, int, int]]) -> dict:
+    """Held-out loss (mean NLL per trained token), its perplexity and token accuracy, from
+    each example's (summed NLL, trained tokens, tokens predicted right)."""
     tokens = sum(n for _, n, _ in scores)
     loss = sum(nll for nll, _, _ in scores) / tokens
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
             "eval/token_accuracy": sum(right for _, _, right in scores) / tokens}
 
 
-def reward_model_accuracy(policy, pairs, tokenizer, gold_fn=None) -> dict:
-    """Share of held-out pairs the reward model ranks right (ties: half) and the mean score
-    margin; with a gold reward function, the Spearman correlation between the model's scores
-    and the gold rewards of every held-out response (chosen and rejected alike)."""
-    scores = policy.run("rewards", pad_to_multiple(pairs, len(policy)))[:len(pairs)]
+def reward_model_accuracy(scores: list[tuple[float, float]], pairs, tokenizer,
+                          gold_fn=None) -> dict:
+    """Share of held-out pairs the reward model ranks right (ties: half) by its (chosen,
+    rejected) ``scores`` and the mean score margin; with a gold reward function, the Spearman
+    correlation between the model's scores and the gold rewards of every held-out response
+    (chosen and rejected alike)."""
     diffs = [c - r for c, r in scores]
     out = {"eval/accuracy": mean(win(d) for d in diffs),
            "eval/margin": mean(diffs)}

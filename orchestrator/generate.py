@@ -56,7 +56,7 @@ def generate(model: str | Path, prompts: str | Path, out: str | Path, sampling: 
     cluster = cluster or ClusterConfig()
     model_cfg = ModelConfig(path=str(model_dir_of(model)))
     scorer = load_reward_fn(reward_fn)
-    tokenizer = load_tokenizer(model_cfg.path)
+    tokenizer = load_tokenizer(model_cfg.path, model_cfg.trust_remote_code)
     # an over-long prompt is a data error unless the engines are told to cut or skip it
     limit = rollout.max_model_len - 1 if rollout.long_prompt == "error" else 1 << 30
     examples, report = load_prompts(prompts, tokenizer, limit, on_bad_row)

@@ -1,26 +1,34 @@
-"""Per-step metrics: one JSON line per step in metrics.jsonl, TensorBoard, and phase timing."""
+"""Per-step metrics: one JSON line per step in metrics.jsonl, the experiment trackers
+(orchestrator/trackers.py), and phase timing."""
 from __future__ import annotations
 
 import json
-import math
+import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from orchestrator import trackers
 
-FILES = ("metrics.jsonl", "ledger.jsonl", "tensorboard")
+log = logging.getLogger(__name__)
+
+
+# what a run dir holds besides checkpoints (W&B's and MLflow's local files included)
+FILES = ("metrics.jsonl", "ledger.jsonl", "tensorboard", trackers.IDS_FILE, "wandb", "mlflow.db",
+         "mlruns")
 
 
 class MetricsLog:
     """metrics.jsonl (one line per step), ledger.jsonl (the dataset rows each step trained
-    on: step, rows, samples per row) and TensorBoard."""
+    on: step, rows, samples per row) and the trackers of ``log.trackers``."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool, resume_step: int = 0,
-                 storage=None):
+    def __init__(self, run_dir: str | Path, kinds: list[str] | tuple = (), resume_step: int = 0,
+                 storage=None, config: dict | None = None, log_cfg=None):
         """A fresh run (``resume_step`` 0) starts the files anew; a resumed one keeps their
         past up to its step, so that steps redone after a resume replace the abandoned ones.
         With a remote ``storage`` (orchestrator/storage.py) the files are fetched on resume
-        and uploaded by :meth:`sync`."""
+        and uploaded by :meth:`sync`. ``kinds`` are the trackers to open (``config`` is the
+        run config they record, ``log_cfg`` the ``log`` section that names their runs)."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.ledger = Path(run_dir) / "ledger.jsonl"
         self.storage = storage if storage is not None and storage.remote else None
@@ -34,10 +42,9 @@ class MetricsLog:
             elif path.exists():
                 path.write_text("")
         self.ledger_step = resume_step
-        self.tb = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.trackers = trackers.open_trackers(Path(run_dir), list(kinds), config or {},
+                                               log_cfg, resume=resume_step > 0) if kinds else []
+        self.closed = False
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, "time": time.time(), **metrics}
@@ -46,10 +53,16 @@ class MetricsLog:
         if "batch/rows" in metrics:
             self.log_rows(step, metrics["batch/rows"], metrics.get("batch/samples_per_row", 1),
                           metrics.get("batch/dropped_rows"))
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
+        if self.trackers:
+            values = trackers.numbers(metrics)
+            for tracker in self.trackers:
+                tracker.log(step, values)
+
+    def summary(self, metrics: dict) -> None:
+        """The run's final evaluation, as each tracker keeps a run's summary."""
+        values = trackers.numbers(metrics)
+        for tracker in self.trackers:
+            tracker.summary(values)
 
     def log_rows(self, step: int, rows: list, samples_per_row: int = 1,
                  dropped: list | None = None) -> None:
@@ -67,24 +80,31 @@ class MetricsLog:
     def rewind(self, step: int) -> None:
         """Forget the steps after ``step`` (a run rewound to a checkpoint after losing a trainer
         rank trains them again): their metrics and ledger lines go, so that the files hold the
-        trained stream once. TensorBoard keeps its events: the redone steps show beside them."""
+        trained stream once. The trackers keep theirs: the redone steps show beside them."""
         _truncate_after(self.path, step)
         _truncate_after(self.ledger, step)
         self.ledger_step = min(self.ledger_step, step)
 
     def sync(self) -> None:
         """Push what is written so far to the run's URI (nothing to do for a local run dir)."""
-        if self.tb is not None:
-            self.tb.flush()
+        for tracker in self.trackers:
+            tracker.flush()
         if self.storage:
             for name in FILES:
                 if (self.path.parent / name).exists():
                     self.storage.upload(name)
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+    def close(self, status: str = "finished") -> None:
+        """End the trackers' runs as ``status`` (finished, stopped or failed) and push the
+        files; once (later calls do nothing)."""
+        if self.closed:
+            return
+        self.closed = True
+        for tracker in self.trackers:
+            try:
+                tracker.close(status)
+            except Exception as exc:  # noqa: BLE001  (one tracker's failure must not hide the run's)
+                log.warning("closing tracker %s failed: %s", type(tracker).__name__, exc)
         self.sync()
 
 

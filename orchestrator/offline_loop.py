@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 def check_model_fits(cfg, token_lists) -> None:
     """Refuse lengths and token ids the model cannot take, before any actor starts."""
     from transformers import AutoConfig
-    model_cfg = AutoConfig.from_pretrained(cfg.model.path)
+    model_cfg = AutoConfig.from_pretrained(cfg.model.path,
+                                           trust_remote_code=cfg.model.trust_remote_code)
     limit = getattr(model_cfg, "max_position_embeddings", None)
     if limit and cfg.data.max_length > limit:
         raise ConfigError(f"data.max_length: {cfg.data.max_length} exceeds the model's "
@@ -42,7 +43,7 @@ def check_model_fits(cfg, token_lists) -> None:
 
 def run_offline(cfg, storage: RunStorage | None = None) -> TrainResult:
     session = RunSession(cfg, storage)
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     task = TASKS[cfg.algorithm](cfg, tokenizer, load_reward_fn(cfg.eval.reward_fn))
     check_model_fits(cfg, task.token_lists())
     roles = start_offline_roles(cfg)

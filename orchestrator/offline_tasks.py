@@ -106,7 +106,8 @@ class DPOTask(PreferenceTask):
     def evaluate(self, policy, step):
         if not self.eval:
             return {}
-        return {**preference_accuracy(policy, self.eval, self.ref_eval, self.cfg.dpo.beta),
+        logps = run_in_chunks(self.cfg, policy, "logprobs", self.eval, "eval log-probs", "pair")
+        return {**preference_accuracy(logps, self.ref_eval, self.cfg.dpo.beta),
                 **self._sampled_reward(policy, self.eval, step)}
 
     def postfix(self, row):
@@ -124,7 +125,8 @@ class RewardModelTask(PreferenceTask):
     def evaluate(self, policy, step):
         if not self.eval:
             return {}
-        return reward_model_accuracy(policy, self.eval, self.tokenizer, self.reward_fn)
+        scores = run_in_chunks(self.cfg, policy, "rewards", self.eval, "eval scores", "pair")
+        return reward_model_accuracy(scores, self.eval, self.tokenizer, self.reward_fn)
 
     def finish_row(self, row):
         # per pair: rewards/sum = r_c + r_r, rewards/sq_sum = r_c^2 + r_r^2 (two scores a pair)
@@ -157,7 +159,8 @@ class SFTTask(OfflineTask):
     def evaluate(self, policy, step):
         if not self.eval:
             return {}
-        return {**sft_heldout(policy, self.eval), **self._sampled_reward(policy, self.eval, step)}
+        scores = run_in_chunks(self.cfg, policy, "sft_scores", self.eval, "eval loss", "row")
+        return {**sft_heldout(scores), **self._sampled_reward(policy, self.eval, step)}
 
     def finish_row(self, row):
         row["perplexity"] = math.exp(min(row["loss"], 50.0))

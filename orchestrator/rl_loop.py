@@ -30,6 +30,7 @@ from orchestrator.elastic import ElasticRollout
 from orchestrator.evaluate import load_reward_fn
 from orchestrator.kl import kl_per_token
 from orchestrator.metrics import PhaseTimer, combine_replicas
+from orchestrator.progress import run_in_chunks
 from orchestrator.online_pairs import PairUpdate
 from orchestrator.recovery import Injector, Recovery, Rewound
 from orchestrator.rl_losses import explained_variance
@@ -115,7 +116,7 @@ class EstimatorUpdate:
 
 def run_rl(cfg, storage: RunStorage | None = None) -> TrainResult:
     session = RunSession(cfg, storage)
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     limit = cfg.rollout.max_model_len - cfg.rl.max_new_tokens
     prompts, report = load_prompts(cfg.data.train, tokenizer, limit, cfg.data.on_bad_row,
                                    cfg.data.prompt_key)
@@ -153,7 +154,7 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         samples = roles.rollout.run("generate", [p.prompt_ids for p in held_out],
                                     dict(pipe.sampling, n=1, seed=cfg.train.seed))
         records = reward_records(tokenizer, held_out, samples)
-        scores = roles.reward.run("score", records)
+        scores = run_in_chunks(cfg, roles.reward, "score", records, "eval rewards", "sample")
         kept = [x for x in scores if not math.isnan(x)]  # NaN: dropped by reward.on_failure
         out = {"eval/reward": mean(kept) if kept else math.nan,
                "eval/response_tokens": mean(len(s.response_ids) for s in samples)}

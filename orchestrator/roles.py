@@ -310,7 +310,8 @@ def rollout_settings(model_cfg, rollout):
         kv_cache_gib=rollout.kv_cache_gib, cpu_threads_bind=rollout.cpu_threads_bind,
         in_actor=rollout.in_actor, long_prompt=rollout.long_prompt,
         weight_backend=backend_for(rollout.gpus), backend=rollout.backend,
-        cpus=rollout.cpus, max_num_seqs=rollout.max_num_seqs)
+        cpus=rollout.cpus, max_num_seqs=rollout.max_num_seqs,
+        trust_remote_code=model_cfg.trust_remote_code)
 
 
 def engine_class(rollout) -> type:
@@ -326,7 +327,8 @@ def reward_settings(cfg) -> RewardSettings:
     return RewardSettings(kind=r.kind, model_path=r.model_path, function=r.function, url=r.url,
                           timeout_s=r.timeout_s, retries=r.retries, micro_batch=r.micro_batch,
                           on_failure=r.on_failure, auth_env=r.auth_env,
-                          dtype=cfg.model.dtype, cpus=r.cpus, gpus=r.gpus)
+                          dtype=cfg.model.dtype, cpus=r.cpus, gpus=r.gpus,
+                          trust_remote_code=cfg.model.trust_remote_code)
 
 
 class RLRoles(RoleSet):

@@ -23,7 +23,7 @@ import torch
 
 from actors.group import RoleFailure, split_even, wait_calls
 from actors.reward import RewardSample
-from orchestrator.evaluate import pad_to_multiple
+from orchestrator.progress import pad_to_multiple
 
 STEP_SEED = 100_003  # a step's sampling seed is train.seed + STEP_SEED x step
 

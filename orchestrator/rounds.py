@@ -73,7 +73,7 @@ def make_pairs(cfg) -> dict:
 
     out = Path(cfg.run_dir)
     rl, i = cfg.rl, round_index(cfg)
-    tokenizer = load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
     prompts = load_prompts(cfg.data.train, tokenizer, cfg.rollout.max_model_len - rl.max_new_tokens,
                            cfg.data.on_bad_row, cfg.data.prompt_key)[0]
     order = list(range(len(prompts)))

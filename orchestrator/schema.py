@@ -92,7 +92,8 @@ def check_range(value: Any, meta: dict, key: str) -> None:
     if value is None:
         return
     choices = meta.get("choices")
-    bad = (choices and value not in choices) or any(
+    items = value if isinstance(value, list) else [value]  # a list's choices hold per item
+    bad = (choices and any(v not in choices for v in items)) or any(
         meta.get(k) is not None and isinstance(value, (int, float)) and not op(value, meta[k])
         for k, op in (("ge", lambda a, b: a >= b), ("gt", lambda a, b: a > b),
                       ("le", lambda a, b: a <= b), ("lt", lambda a, b: a < b)))

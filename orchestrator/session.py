@@ -1,5 +1,5 @@
 """What every training loop does around its steps, offline or online: find where to resume,
-restore or evaluate the starting model, log each step (metrics.jsonl, TensorBoard, progress
+restore or evaluate the starting model, log each step (metrics.jsonl, the trackers, progress
 bar), evaluate and checkpoint on schedule, and at the end evaluate, save and report.
 
 A loop owns its steps and hands each finished one to :meth:`RunSession.end_step`::
@@ -33,7 +33,7 @@ from typing import Callable
 
 from orchestrator.checkpoint import CheckpointManager, restore_run, resume_dir, save_run
 from orchestrator.metrics import MetricsLog
-from orchestrator.progress import bar
+from orchestrator.progress import bar, shown
 from orchestrator.storage import RunStorage
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class RunSession:
     def __init__(self, cfg, storage: RunStorage | None = None):
         self.cfg = cfg
         self.storage = storage or RunStorage(cfg.run_dir)
+        self.storage.progress = shown(cfg)  # a bar on checkpoint uploads
         self.run_dir = self.storage.local_dir
         self.ckpts = CheckpointManager(self.run_dir, cfg.checkpoint.keep, self.storage)
         self.ckpts.clear_partial()
@@ -142,13 +143,15 @@ class RunSession:
         """Open the metrics (a resumed run keeps its past lines) and evaluate the starting
         model, unless the resumed checkpoint holds that evaluation already."""
         self.evaluate = evaluate
-        self.metrics = MetricsLog(self.run_dir, self.cfg.log.tensorboard,
-                                  resume_step=self.step, storage=self.storage)
+        self.metrics = MetricsLog(self.run_dir, self.cfg.log.trackers, resume_step=self.step,
+                                  storage=self.storage, config=self.cfg.to_dict(),
+                                  log_cfg=self.cfg.log)
         if self.before is None:
             self.before = evaluate(0)
             self.metrics.log(0, self.before)
-        self.bar = bar(self.cfg, self.cfg.train.max_steps, self.cfg.algorithm, "step",
-                       initial=self.step)
+        # named by the run dir too: a pipeline's stage runs in <pipeline>/<stage name>
+        self.bar = bar(self.cfg, self.cfg.train.max_steps,
+                       f"{self.run_dir.name} ({self.cfg.algorithm})", "step", initial=self.step)
         # what exists now (imported libraries, the data) lives for the whole run: keep it out
         # of the garbage collector's full passes, each of which would otherwise walk it and
         # stall the driver for a few hundred ms in the middle of a step
@@ -230,8 +233,13 @@ class RunSession:
         update was under way), else with the newest checkpoint on disk as the resume point;
         :class:`RunFailed` says which, with the role at fault."""
         from actors.group import RoleFailure
+        ended = "failed"
         try:
             yield
+            ended = "finished"
+        except RunStopped:
+            ended = "stopped"
+            raise
         except RoleFailure as failure:
             log.error("%s", failure)
             trainer_roles = {g.role for g in self.trainables}
@@ -249,6 +257,7 @@ class RunSession:
             raise RunFailed(failure, resume, saved) from None
         finally:
             self._restore_signals()  # whatever ended the steps, the handlers were this run's
+            self.metrics.close(ended)  # (done already where finish or a stop closed it)
 
     def _saved_at(self, step: int) -> bool:
         return self.last_ckpt is not None and self.last_ckpt.name.endswith(f"{step:07d}")
@@ -271,7 +280,7 @@ class RunSession:
             if not self._saved_at(step):
                 self.save(sampler_state)
             self.bar.close()
-            self.metrics.close()
+            self.metrics.close("stopped")
             self._restore_signals()
             gc.unfreeze()
             raise RunStopped(step, self.last_ckpt, why)
@@ -290,6 +299,7 @@ class RunSession:
         gc.unfreeze()  # the next run in this process (a pipeline's next stage) freezes its own
         after = self.evaluate(self.step)
         self.metrics.log(self.step, {f"final/{k}": v for k, v in after.items()})
+        self.metrics.summary(after)
         self.metrics.close()
         if self.last_ckpt is None or not self.last_ckpt.name.endswith(f"{self.step:07d}"):
             self.save(sampler_state)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pyarrow import fs as pafs
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE"
@@ -39,7 +40,10 @@ def _remove_local(path: Path) -> None:
 
 
 class RunStorage:
-    """The run dir: ``local_dir`` is where to write; methods take paths relative to the run."""
+    """The run dir: ``local_dir`` is where to write; methods take paths relative to the run.
+    ``progress`` (set by the driver where a bar can show) puts a bar on uploads."""
+
+    progress = False
 
     def __init__(self, run_dir: str, staging_root: str | Path | None = None,
                  filesystem: pafs.FileSystem | None = None, base_path: str | None = None):
@@ -118,8 +122,12 @@ class RunStorage:
             raise FileNotFoundError(f"nothing to upload to {self.uri}: {src} does not exist")
         files = [src] if src.is_file() else sorted(
             p for p in src.rglob("*") if p.is_file() and p.name not in skip)
-        for f in files:
-            self._put(f, self._remote(dest or rel, f.relative_to(src).as_posix()))
+        sizes = [f.stat().st_size for f in files]
+        with tqdm(total=sum(sizes), unit="B", unit_scale=True, desc=f"upload {rel}",
+                  disable=not self.progress or len(files) < 2, dynamic_ncols=True) as bar:
+            for f, size in zip(files, sizes):
+                self._put(f, self._remote(dest or rel, f.relative_to(src).as_posix()))
+                bar.update(size)
 
     def _put(self, local: Path, remote: str) -> None:
         with self._errors("uploading", str(local)):

@@ -8,6 +8,7 @@ back-end accepts.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator import synthetic
@@ -29,32 +30,69 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(vocab_size: int, extra_text: list[str] | None = None):
-    """Train a byte-level BPE tokenizer on the synthetic corpus (plus ``extra_text``)."""
+@dataclass(frozen=True)
+class Chat:
+    """A family's chat markup: template, its special tokens, the tokenizer's EOS, and every
+    token that ends a reply (the generation config's EOS list)."""
+    template: str
+    special: tuple[str, ...]
+    eos: str
+    stops: tuple[str, ...]
+
+
+# each family's markup in its own style, so that what differs between real checkpoints
+# differs here too: the turn's end equal to EOS (ours, Mistral's </s>), an end token followed
+# by a newline (ChatML), an end-of-turn token that is not the tokenizer's EOS (Gemma)
+CHATS = {
+    "ours": Chat(CHAT_TEMPLATE, (), "<|end|>", ("<|end|>",)),
+    "chatml": Chat("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                   "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                   "{% endif %}", ("<|im_start|>", "<|im_end|>"), "<|im_end|>", ("<|im_end|>",)),
+    "inst": Chat("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}</s>"
+                 "{% else %}[INST] {{ m['content'] }} [/INST]{% endif %}{% endfor %}",
+                 ("[INST]", "[/INST]", "</s>"), "</s>", ("</s>",)),
+    "gemma": Chat("{% for m in messages %}<start_of_turn>"
+                  "{{ 'model' if m['role'] == 'assistant' else 'user' }}\n{{ m['content'] }}"
+                  "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+                  "{% endif %}", ("<start_of_turn>", "<end_of_turn>", "<eos>"), "<eos>",
+                  ("<eos>", "<end_of_turn>")),
+}
+
+
+def build_tokenizer(vocab_size: int, extra_text: list[str] | None = None, chat: str = "ours"):
+    """Train a byte-level BPE tokenizer on the synthetic corpus (plus ``extra_text``) with the
+    chat markup ``chat`` (see CHATS)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+    markup = CHATS[chat]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL + [
+                                      t for t in markup.special if t not in SPECIAL],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(synthetic.corpus() + list(extra_text or []), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>",
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=markup.eos,
                                    pad_token="<|endoftext|>", bos_token=None)
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = markup.template
     return fast
 
 
-def llama_config(size: str, max_positions: int = 1024, **extra):
+def stop_ids(tokenizer, chat: str = "ours") -> list[int]:
+    """The ids that end a reply in markup ``chat`` (for the generation config)."""
+    return tokenizer.convert_tokens_to_ids(list(CHATS[chat].stops))
+
+
+def llama_config(size: str, max_positions: int = 1024, chat: str = "ours", **extra):
     """(LlamaConfig, tokenizer) of a preset size; ``extra`` goes into the config."""
     from transformers import LlamaConfig
 
     if size not in SIZES:
         raise ValueError(f"size {size!r}: choose one of {', '.join(SIZES)}")
     hidden, layers, heads, inter, vocab = SIZES[size]
-    tokenizer = build_tokenizer(vocab)
+    tokenizer = build_tokenizer(vocab, chat=chat)
     cfg = LlamaConfig(
         vocab_size=max(vocab, len(tokenizer)), hidden_size=hidden, intermediate_size=inter,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
@@ -65,16 +103,18 @@ def llama_config(size: str, max_positions: int = 1024, **extra):
     return cfg, tokenizer
 
 
-# families other than Llama: transformers config class, model class, and what the family does
-# its own way (tied embeddings or not, biases, fused projections, activations)
+# families other than Llama: transformers config class, model class, chat markup (CHATS), and
+# what the family does its own way (tied embeddings or not, biases, fused projections,
+# activations)
 ARCHS = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),  # qkv biases
-    "mistral": ("MistralConfig", "MistralForCausalLM", {"tie_word_embeddings": False}),
-    "gemma": ("GemmaConfig", "GemmaForCausalLM",  # scaled embeddings, GeLU, tied
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "ours", {"tie_word_embeddings": True}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "chatml",  # qkv biases
+              {"tie_word_embeddings": True}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "inst", {"tie_word_embeddings": False}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", "gemma",  # scaled embeddings, GeLU, tied
               {"tie_word_embeddings": True, "hidden_act": "gelu_pytorch_tanh"}),
-    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",  # fused query_key_value, partial rotary
-                 {"tie_word_embeddings": False, "rotary_pct": 0.25,
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", "ours",  # fused query_key_value,
+                 {"tie_word_embeddings": False, "rotary_pct": 0.25,  # partial rotary
                   "use_parallel_residual": True}),
 }
 
@@ -85,10 +125,10 @@ def arch_config(arch: str, size: str, max_positions: int = 1024):
 
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    config_cls, _, chat, extra = ARCHS[arch]
     if arch == "llama":
-        return llama_config(size, max_positions, **ARCHS["llama"][2])
-    base, tokenizer = llama_config(size, max_positions)
-    config_cls, _, extra = ARCHS[arch]
+        return llama_config(size, max_positions, chat, **extra)
+    base, tokenizer = llama_config(size, max_positions, chat)
     common = {k: getattr(base, k) for k in (
         "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
         "num_attention_heads", "max_position_embeddings", "eos_token_id", "pad_token_id",
@@ -109,7 +149,8 @@ def build_model(out_dir: str | Path, size: str = "tiny", seed: int = 0, max_posi
     cfg, tokenizer = arch_config(arch, size, max_positions)
     torch.manual_seed(seed)
     model = getattr(transformers, ARCHS[arch][1])(cfg)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    stops = stop_ids(tokenizer, ARCHS[arch][2])
+    model.generation_config.eos_token_id = stops[0] if len(stops) == 1 else stops
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,3 +76,137 @@ def pytest_unconfigure(config):
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(_status["code"])
+
+
+# ---- reading back what the experiment trackers recorded ----------------------------------------
+def _wandb_records(path):
+    """The protobuf Records of a W&B run file (``run-<id>.wandb``): a 7-byte header (":W&B",
+    magic, version), then LevelDB-style log blocks of 32 KiB whose chunks carry a 7-byte
+    header (crc32, little-endian length, type: 1 whole, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            break
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+@pytest.fixture
+def wandb_run():
+    """``wandb_run(run_dir)``: {run id: {"history": [{key: value}], "summary": {key: value},
+    "config": {key: value}}} of the W&B offline runs under ``run_dir/wandb``."""
+    def read(run_dir):
+        runs = {}
+        for path in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
+            run = runs.setdefault(path.stem[len("run-"):],
+                                  {"history": [], "summary": {}, "config": {}})
+            for rec in _wandb_records(path):
+                kind = rec.WhichOneof("record_type")
+                if kind == "history":
+                    run["history"].append({i.key or "/".join(i.nested_key):
+                                           json.loads(i.value_json) for i in rec.history.item})
+                elif kind == "summary":
+                    run["summary"].update({i.key or "/".join(i.nested_key):
+                                           json.loads(i.value_json) for i in rec.summary.update})
+                elif kind in ("config", "run"):
+                    updates = rec.config.update if kind == "config" else rec.run.config.update
+                    run["config"].update({i.key: json.loads(i.value_json) for i in updates})
+        return runs
+    return read
+
+
+@pytest.fixture
+def mlflow_run():
+    """``mlflow_run(uri, run_id)``: the MLflow run's status, params, and each metric's
+    [(step, value)] history."""
+    def read(uri, run_id):
+        from mlflow.tracking import MlflowClient
+        client = MlflowClient(tracking_uri=uri)
+        run = client.get_run(run_id)
+        history = {key: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+                   for key in run.data.metrics}
+        return {"status": run.info.status, "params": run.data.params, "metrics": history,
+                "client": client}
+    return read
+
+
+# ---- a model whose code ships with the checkpoint ------------------------------------------------
+CUSTOM_CONFIG = '''from transformers import LlamaConfig
+
+
+class ShippedConfig(LlamaConfig):
+    model_type = "rayalign_shipped"
+'''
+CUSTOM_MODELING = '''from torch import nn
+from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
+from transformers import LlamaForSequenceClassification, LlamaForTokenClassification
+
+from .configuration_shipped import ShippedConfig
+
+
+class ShippedModel(LlamaModel):
+    config_class = ShippedConfig
+
+
+class ShippedForCausalLM(LlamaForCausalLM):
+    config_class = ShippedConfig
+
+
+class ShippedForSequenceClassification(LlamaForSequenceClassification):
+    config_class = ShippedConfig
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = ShippedModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+
+class ShippedForTokenClassification(LlamaForTokenClassification):
+    config_class = ShippedConfig
+
+    def __init__(self, config):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.num_labels = config.num_labels
+        self.model = ShippedModel(config)
+        self.dropout = nn.Dropout(config.classifier_dropout or 0.0)
+        self.score = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+'''
+
+
+def shipped_code_model(out_dir):
+    """A tiny Llama re-labelled as family ``rayalign_shipped``, which transformers knows only
+    from the code beside the weights (config.json ``auto_map``), as checkpoints with their own
+    modelling code come."""
+    from orchestrator.tiny_model import build_model
+    out = build_model(out_dir, "tiny", seed=0)
+    (out / "configuration_shipped.py").write_text(CUSTOM_CONFIG)
+    (out / "modeling_shipped.py").write_text(CUSTOM_MODELING)
+    config = json.loads((out / "config.json").read_text())
+    config.update(model_type="rayalign_shipped", architectures=["ShippedForCausalLM"], auto_map={
+        "AutoConfig": "configuration_shipped.ShippedConfig",
+        "AutoModelForCausalLM": "modeling_shipped.ShippedForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_shipped.ShippedForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_shipped.ShippedForTokenClassification"})
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def shipped_model(tmp_path_factory):
+    return shipped_code_model(tmp_path_factory.mktemp("shipped") / "model")

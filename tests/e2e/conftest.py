@@ -31,7 +31,7 @@ BASE = {
              "max_new_tokens": 16},
     "checkpoint": {"every": 0, "keep": 2},
     "cluster": {"num_cpus": 3},
-    "log": {"progress_bar": False, "tensorboard": True},
+    "log": {"progress_bar": False, "trackers": ["tensorboard"]},
 }
 
 
@@ -67,7 +67,7 @@ def grpo_config(assets):
             "train": {"batch_size": 32, "micro_batch_size": 32, "max_steps": 8},
             "checkpoint": {"every": 0, "keep": 2},
             "cluster": {"num_cpus": 3},
-            "log": {"progress_bar": False, "tensorboard": False},
+            "log": {"progress_bar": False, "trackers": []},
         }
         for key, value in sections.items():  # a section is updated, a plain key replaced
             data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value

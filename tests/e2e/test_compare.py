@@ -29,7 +29,7 @@ def spec(assets, root):
                      "eval": {"reward_fn": "orchestrator.synthetic:reward", "max_pairs": 16,
                               "num_prompts": 8, "max_new_tokens": 8},
                      "cluster": {"num_cpus": 4}, "log": {"progress_bar": False,
-                                                         "tensorboard": False}},
+                                                         "trackers": []}},
         "stages": [{"name": "sft", "algorithm": "sft",
                     "data": {"train": assets["sft"], "eval": assets["sft_eval"]},
                     "optim": {"lr": 1e-3}, "train": {"batch_size": 8, "micro_batch_size": 8,

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from orchestrator import train
 
 pytestmark = pytest.mark.e2e
-SHORT = ("train.max_steps=6", "eval.reward_fn=null", "log.tensorboard=false")
+SHORT = ("train.max_steps=6", "eval.reward_fn=null", "log.trackers=[]")
 
 
 @pytest.mark.parametrize("overrides", [

@@ -43,3 +43,20 @@ def test_family_trains_dpo_and_grpo_with_synced_vllm(family, make_config, grpo_c
     # the engine samples with the trainer's weights: at the start, and after each sync
     assert all(r["logprob_gap"] < 1e-3 for r in rows), (arch, [r["logprob_gap"] for r in rows])
     assert rows[-1]["grad_norm"] > 0
+
+
+def test_family_with_shipped_code_trains_with_trust_remote_code(shipped_model, make_config,
+                                                                grpo_config, tmp_path):
+    """A checkpoint whose modelling code ships beside its weights (config.json auto_map): the
+    policy, reference, rollout engine and reward load it with ``model.trust_remote_code``."""
+    dpo = train(make_config(f"model.path={shipped_model}", "model.trust_remote_code=true",
+                            "train.max_steps=2", "eval.reward_fn=null", "eval.max_pairs=16",
+                            run_dir=tmp_path / "dpo"))
+    assert len(steps(dpo.run_dir)) == 2
+    grpo = train(RunConfig.from_dict(grpo_config(
+        tmp_path / "grpo", model={"path": str(shipped_model), "trust_remote_code": True},
+        train={"max_steps": 2})))
+    rows = steps(grpo.run_dir)
+    assert len(rows) == 2 and rows[-1]["grad_norm"] > 0
+    saved = json.loads((grpo.model_dir / "config.json").read_text())
+    assert saved["model_type"] == "rayalign_shipped" and "auto_map" in saved

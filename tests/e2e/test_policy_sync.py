@@ -12,7 +12,7 @@ import ray
 from orchestrator.batches import PreferenceBatch
 from orchestrator.config import RolloutConfig
 from orchestrator.data import load_preferences
-from orchestrator.evaluate import pad_to_multiple
+from orchestrator.progress import pad_to_multiple
 from orchestrator.roles import connect, start_group, start_rollout, stop_group
 from orchestrator.weight_sync import connect as connect_sync, sync_weights
 from actors.policy_trainer import PolicyTrainer

@@ -31,7 +31,7 @@ def test_ppo_raises_held_out_reward(assets, tmp_path):
         "train": {"batch_size": 64, "micro_batch_size": 32, "max_steps": 20},
         "eval": {"num_prompts": 32},
         "cluster": {"num_cpus": 4},
-        "log": {"progress_bar": False, "tensorboard": False},
+        "log": {"progress_bar": False, "trackers": []},
     })
     result = train(cfg)
     assert result.after["eval/reward"] >= result.before["eval/reward"] + REWARD_GAIN, result.summary()

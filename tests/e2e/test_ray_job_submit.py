@@ -200,7 +200,7 @@ def _configs(tmp_path: Path) -> dict[str, Path]:
                          max_words=16)
     common = {"model": {"path": str(model)}, "train": {"max_steps": STEPS, "seed": 0},
               "checkpoint": {"resume": "never"},
-              "log": {"progress_bar": False, "tensorboard": False}}
+              "log": {"progress_bar": False, "trackers": []}}
     dpo = {"algorithm": "dpo", "run_dir": str(tmp_path / "dpo"), **common,
            "data": {"train": str(data["train"]), "max_length": 96},
            "policy": {"actors": 1, "cpus": 1, "zero_stage": 2},

@@ -33,7 +33,7 @@ def _config(assets, run_dir, reward_model) -> RunConfig:
         "train": {"batch_size": 16, "micro_batch_size": 16, "max_steps": STEPS},
         "checkpoint": {"every": STOP, "keep": 3},
         "cluster": {"num_cpus": 4},
-        "log": {"progress_bar": False, "tensorboard": False},
+        "log": {"progress_bar": False, "trackers": []},
     })
 
 

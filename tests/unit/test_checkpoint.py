@@ -121,7 +121,7 @@ def read_lines(path):
 
 
 def test_metrics_one_line_per_log(tmp_path):
-    m = MetricsLog(tmp_path, tensorboard=False)
+    m = MetricsLog(tmp_path, kinds=())
     for step in (1, 2, 3):
         m.log(step, {"loss": 1.0 / step, "lr": 0.1})
     m.close()
@@ -132,18 +132,18 @@ def test_metrics_one_line_per_log(tmp_path):
 
 
 def test_metrics_nan_is_written(tmp_path):
-    m = MetricsLog(tmp_path, tensorboard=False)
+    m = MetricsLog(tmp_path, kinds=())
     m.log(1, {"loss": float("nan")})
     (row,) = read_lines(tmp_path / "metrics.jsonl")
     assert row["loss"] != row["loss"]
 
 
 def test_metrics_resume_truncates_after_step(tmp_path):
-    m = MetricsLog(tmp_path, tensorboard=False)
+    m = MetricsLog(tmp_path, kinds=())
     for step in range(1, 8):
         m.log(step, {"loss": float(step)})
     m.close()
-    m = MetricsLog(tmp_path, tensorboard=False, resume_step=4)
+    m = MetricsLog(tmp_path, kinds=(), resume_step=4)
     assert [r["step"] for r in read_lines(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
     m.log(5, {"loss": 50.0})
     rows = read_lines(tmp_path / "metrics.jsonl")
@@ -152,23 +152,23 @@ def test_metrics_resume_truncates_after_step(tmp_path):
 
 
 def test_metrics_resume_keeps_all_lines_up_to_step(tmp_path):
-    m = MetricsLog(tmp_path, tensorboard=False)
+    m = MetricsLog(tmp_path, kinds=())
     m.log(0, {"eval/accuracy": 0.5})
     m.log(2, {"loss": 1.0})
     m.log(2, {"eval/accuracy": 0.6})
     m.log(3, {"loss": 0.9})
-    MetricsLog(tmp_path, tensorboard=False, resume_step=2)
+    MetricsLog(tmp_path, kinds=(), resume_step=2)
     assert [r["step"] for r in read_lines(tmp_path / "metrics.jsonl")] == [0, 2, 2]
 
 
 def test_metrics_resume_tolerates_torn_last_line(tmp_path):
     # a run killed while appending leaves a partial last line; resuming must not crash on it
-    m = MetricsLog(tmp_path, tensorboard=False)
+    m = MetricsLog(tmp_path, kinds=())
     for step in (1, 2, 3):
         m.log(step, {"loss": 1.0})
     with (tmp_path / "metrics.jsonl").open("a") as fh:
         fh.write('{"step": 4, "loss": 0.')
-    MetricsLog(tmp_path, tensorboard=False, resume_step=2)
+    MetricsLog(tmp_path, kinds=(), resume_step=2)
     assert [r["step"] for r in read_lines(tmp_path / "metrics.jsonl")] == [1, 2]
 
 

@@ -187,3 +187,13 @@ def test_upload_of_missing_path_names_it(remote):
 def test_unknown_scheme_names_uri_and_remedy():
     with pytest.raises(StorageError, match=r"pyarrow could not open nosuch://b/run: .*credentials"):
         RunStorage("nosuch://b/run")
+
+
+def test_an_upload_shows_its_bytes_only_where_progress_is_on(remote, capsys):
+    files = make_ckpt(remote.local_dir / "ckpt", 3)
+    remote.upload("ckpt")
+    assert "upload ckpt" not in capsys.readouterr().err  # the default: no bar (CI, job logs)
+    remote.progress = True
+    remote.upload("ckpt")
+    err = capsys.readouterr().err
+    assert "upload ckpt" in err and f"{sum(map(len, files.values())) / 1000:.2f}k" in err, err
