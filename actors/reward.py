@@ -34,6 +34,7 @@ import logging
 import math
 import numbers
 import os
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -75,6 +76,7 @@ class RewardSettings:
                                     # ("drop") its samples score NaN, for the driver to drop
     auth_env: str | None = None     # kind http: environment variable holding the value of the
                                     # Authorization header (read where the request is made)
+    ca_bundle: str | None = None    # kind http: PEM of the CAs to trust (default: the system's)
     micro_batch: int = 16           # model: sequences per forward; http: samples per request
     dtype: str = "float32"          # kind model: weights and activations
     cpus: float = 1.0               # CPUs per replica (torch threads for kind model)
@@ -185,8 +187,11 @@ class HttpReward:
     """Kind http: a remote endpoint, retried with backoff."""
 
     def __init__(self, url: str, timeout_s: float, retries: int, backoff_s: float, micro_batch: int,
-                 on_failure: str = "fail", auth_env: str | None = None):
+                 on_failure: str = "fail", auth_env: str | None = None,
+                 ca_bundle: str | None = None):
         self.url, self.timeout_s, self.retries = url, timeout_s, retries
+        # certificates and host names are always checked; a private CA is added, never a bypass
+        self.tls = ssl.create_default_context(cafile=ca_bundle)
         self.backoff_s, self.micro_batch, self.on_failure = backoff_s, micro_batch, on_failure
         self.source = f"reward endpoint {url}"
         self.headers = {"Content-Type": "application/json"}
@@ -240,7 +245,8 @@ class HttpReward:
             request = urllib.request.Request(self.url, data=body, method="POST",
                                              headers=self.headers)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as reply:
+                with urllib.request.urlopen(request, timeout=self.timeout_s,
+                                            context=self.tls) as reply:
                     data = reply.read()
             except urllib.error.HTTPError as exc:
                 cause = f"HTTP {exc.code} {exc.reason}: {exc.read()[:200]!r}"
@@ -249,6 +255,10 @@ class HttpReward:
                 continue
             except (OSError, HTTPException) as exc:  # refused, reset, timed out, bad DNS...
                 reason = getattr(exc, "reason", None) or exc
+                if isinstance(reason, ssl.SSLCertVerificationError):  # no retry mends that
+                    raise RewardError(f"{self.source}: its TLS certificate is not trusted "
+                                      f"({reason.verify_message}); if it comes from a private CA, "
+                                      f"give that CA's PEM file as reward.ca_bundle") from None
                 cause = f"{type(reason).__name__}: {reason}"
                 continue
             try:
@@ -326,7 +336,8 @@ def make_reward(settings: RewardSettings):
         return FunctionReward(settings.function)
     if settings.kind == "http":
         return HttpReward(settings.url, settings.timeout_s, settings.retries, settings.backoff_s,
-                          settings.micro_batch, settings.on_failure, settings.auth_env)
+                          settings.micro_batch, settings.on_failure, settings.auth_env,
+                          settings.ca_bundle)
     import torch
     device = "cuda" if settings.gpus > 0 and torch.cuda.is_available() else "cpu"
     return ModelReward(settings.model_path, settings.micro_batch, settings.dtype, device,

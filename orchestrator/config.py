@@ -197,6 +197,10 @@ class RewardConfig(RoleConfig):
     auth_env: Optional[str] = param(None, "kind http: name of an environment variable holding the "
                                           "Authorization header's value (e.g. 'Bearer ...'); the "
                                           "secret never goes into the config")
+    ca_bundle: Optional[str] = param(None, "kind http: PEM file of the certificate authorities "
+                                           "to trust for an https endpoint (a private CA); "
+                                           "TLS certificates are always verified, by default "
+                                           "against the system's CAs")
     on_failure: str = param("fail", "kind http: a request still failing after its retries fails "
                                     "the step (fail), or its samples are left out of the step "
                                     "and counted in reward/dropped (drop; a prompt's whole group "

@@ -326,7 +326,7 @@ def reward_settings(cfg) -> RewardSettings:
     r = cfg.reward
     return RewardSettings(kind=r.kind, model_path=r.model_path, function=r.function, url=r.url,
                           timeout_s=r.timeout_s, retries=r.retries, micro_batch=r.micro_batch,
-                          on_failure=r.on_failure, auth_env=r.auth_env,
+                          on_failure=r.on_failure, auth_env=r.auth_env, ca_bundle=r.ca_bundle,
                           dtype=cfg.model.dtype, cpus=r.cpus, gpus=r.gpus,
                           trust_remote_code=cfg.model.trust_remote_code)
 

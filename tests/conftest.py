@@ -10,8 +10,9 @@ import pytest
 
 
 @contextmanager
-def _serve(answer):
-    """A local endpoint; ``answer(n, body)`` returns (status, payload) for the n-th request (0-based)."""
+def _serve(answer, tls: tuple | None = None):
+    """A local endpoint; ``answer(n, body)`` returns (status, payload) for the n-th request
+    (0-based). ``tls`` (certificate file, key file): served over https."""
     calls = []
 
     class Handler(BaseHTTPRequestHandler):
@@ -31,10 +32,16 @@ def _serve(answer):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.handle_error = lambda *_: None  # a client that timed out: its broken pipe is expected
+    if tls is not None:
+        import ssl
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/score", calls
+        scheme = "https" if tls is not None else "http"
+        yield f"{scheme}://127.0.0.1:{server.server_address[1]}/score", calls
     finally:
         server.shutdown()
         server.server_close()

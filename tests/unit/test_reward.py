@@ -213,9 +213,9 @@ def test_http_auth_header_comes_from_the_environment(serve, monkeypatch):
         import urllib.request
         real = urllib.request.urlopen
 
-        def spy(request, timeout=None):
+        def spy(request, timeout=None, **kw):
             seen.append(request.get_header("Authorization"))
-            return real(request, timeout=timeout)
+            return real(request, timeout=timeout, **kw)
         monkeypatch.setattr(urllib.request, "urlopen", spy)
         assert http(url, auth_env="RM_TOKEN").score(samples(("p", "a b"))) == [2.0]
     assert seen == ["Bearer s3cret"]
@@ -319,3 +319,29 @@ def test_causal_lm_dir_is_not_a_reward_model(tmp_path):
     path = build_model(tmp_path / "lm", "tiny")
     with pytest.raises(RewardError, match="not a trained reward model, weights missing for .*score"):
         ModelReward(str(path), micro_batch=4, dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    """A certificate for 127.0.0.1 signed by itself (a private CA, as far as clients know)."""
+    import subprocess
+    root = tmp_path_factory.mktemp("tls")
+    cert, key = root / "cert.pem", root / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+def test_https_endpoint_is_verified_and_a_private_ca_is_trusted_only_when_given(serve,
+                                                                               self_signed):
+    with serve(word_count, tls=self_signed) as (url, calls):
+        assert url.startswith("https://")
+        t0 = time.monotonic()
+        with pytest.raises(RewardError, match=rf"reward endpoint {url}: its TLS certificate is "
+                                              rf"not trusted \(self-signed certificate\); .* "
+                                              rf"reward.ca_bundle"):
+            http(url, retries=3, backoff_s=1.0).score(samples(("p", "a b")))
+        assert time.monotonic() - t0 < 1.0  # refused at once: no retries for a bad certificate
+        assert http(url, ca_bundle=str(self_signed[0])).score(samples(("p", "a b"))) == [2.0]
+    assert len(calls) == 1  # the refused request never reached the handler
