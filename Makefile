@@ -31,7 +31,7 @@ demo: $(STAMP)
 
 # Unit and end-to-end tests (CI runs this target).
 test: $(STAMP)
-	$(PY) -m pytest tests -m "unit or e2e" $(PYTEST_ARGS)
+	$(PY) -m pytest tests -m "unit or e2e" --durations=40 $(PYTEST_ARGS)
 
 # Unit tests plus one short end-to-end run (SFT under ZeRO-3, stopped and resumed): a few minutes.
 test-fast: $(STAMP)
