@@ -43,10 +43,12 @@ def load_value_model(path: str, dtype: str, attn_implementation: str,
     finally:
         hf_logging.set_verbosity(verbosity)
     log.info("value model from %s; new head parameters: %s", path,
-             [k for k in info["missing_keys"] if k.startswith("score.")] or "none")
+             [k for k in info["missing_keys"] if k.startswith(("score.", "classifier."))]
+             or "none")
+    head = "score" if hasattr(model, "score") else "classifier"  # GPT-NeoX: classifier
     with torch.no_grad():
-        for name, param in model.score.named_parameters():
-            if f"score.{name}" in info["missing_keys"]:
+        for name, param in getattr(model, head).named_parameters():
+            if f"{head}.{name}" in info["missing_keys"]:
                 param.zero_()
     return model
 
@@ -71,6 +73,7 @@ class Critic(DeepSpeedActor):
                                  cfg.model.trust_remote_code)
         if cfg.critic.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        model = self.adapt(model, "classifier")
         self.tokenizer = load_tokenizer(cfg.model.path, cfg.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id or 0
         self.build_engine(model, cfg.critic.lr)
@@ -112,11 +115,7 @@ class Critic(DeepSpeedActor):
         """DeepSpeed state + RNG under <ckpt>/critic, and the value model as an HF dir."""
         out = Path(ckpt_dir) / "critic"
         self.save_state(out)
-        state = self.gathered_state_dict()
-        if self.rank == 0:
-            self.engine.module.save_pretrained(str(out / "model"), state_dict=state,
-                                               safe_serialization=True)
-        torch.distributed.barrier()
+        self.save_model_dir(out / "model")
         self.publish(ckpt_dir, remote)
 
     @dispatch(ALL)

@@ -4,13 +4,17 @@ and loading that state with each rank's RNG.
 """
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
 import torch
 
+from actors import lora
 from actors.group import ALL, Measured, dispatch
 from actors.runtime import node_address, set_dist_env, set_threads, skip_shm_comm_op
+
+log = logging.getLogger(__name__)
 
 
 def lr_lambda(warmup: int, total: int, schedule: str):
@@ -76,18 +80,38 @@ class DeepSpeedActor(Measured):
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    rank=self.rank, world_size=self.world_size)
 
+    @property
+    def lora(self) -> bool:
+        """Whether this role trains LoRA adapters (``<role>.lora.rank`` > 0)."""
+        return self.role_cfg.lora.rank > 0
+
+    def adapt(self, model, kind: str):
+        """``model`` with this role's LoRA adapters (actors/lora.py), or as it is."""
+        if not self.lora:
+            return model
+        model = lora.apply_lora(model, self.role_cfg.lora, kind)
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        if self.rank == 0:
+            log.info("%s: LoRA rank %d trains %.3fM of %.2fM parameters", self.role,
+                     self.role_cfg.lora.rank, trained / 1e6, total / 1e6)
+        return model
+
     def build_engine(self, model, lr: float):
-        """AdamW (no decay on biases and norms) with the configured schedule, under DeepSpeed."""
+        """AdamW (no decay on biases and norms) with the configured schedule, under DeepSpeed.
+        Only the parameters that train (all, or the LoRA adapters) get optimizer state."""
         import deepspeed
         o, cfg = self.cfg.optim, self.cfg
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        trained = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.ndim >= 2]
+        no_decay = [p for p in trained if p.ndim < 2]
         # fused: one kernel per parameter group instead of a loop of element-wise ops (the
         # optimizer holds float32 or bfloat16 parameters: DeepSpeed keeps float32 masters for
         # float16 training)
+        groups = [{"params": decay, "weight_decay": o.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
+            [g for g in groups if g["params"]],  # LoRA adapters: no parameter without decay
             lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.eps, fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(o.warmup_steps, cfg.train.max_steps, o.schedule))
@@ -124,7 +148,9 @@ class DeepSpeedActor(Measured):
 
     def save_state(self, out: Path) -> None:
         """DeepSpeed state (model, optimizer, scheduler) and this rank's RNG under ``out``."""
-        self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False)
+        # with LoRA the frozen base weights are model.path's: only what trains is saved
+        self.engine.save_checkpoint(str(out / "deepspeed"), tag="state", save_latest=False,
+                                    exclude_frozen_parameters=self.lora)
         rng_dir = out / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save({"torch": torch.get_rng_state()}, rng_dir / f"rank{self.rank}.pt")
@@ -132,7 +158,8 @@ class DeepSpeedActor(Measured):
     def load_state(self, src: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(src / "deepspeed"), tag="state",
                                               load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+                                              load_lr_scheduler_states=True,
+                                              load_module_strict=not self.lora)
         if path is None:
             raise RuntimeError(f"{self.role} rank {self.rank}: no DeepSpeed state in "
                                f"{src}/deepspeed")
@@ -163,10 +190,46 @@ class DeepSpeedActor(Measured):
             if not Path(ckpt_dir).is_dir():
                 RunStorage(remote[0]).download(remote[1])
 
-    def gathered_state_dict(self) -> dict | None:
-        """The full state dict on rank 0 (None elsewhere), gathered under ZeRO-3."""
+    def save_model_dir(self, out_dir: Path, tokenizer=None) -> None:
+        """The model as a Hugging Face dir ``out_dir`` (gathered under ZeRO-3), with
+        ``tokenizer``. With LoRA: the adapters as a peft dir beside it (``adapter``), and
+        ``out_dir`` the base with the adapters merged in, unless ``lora.save_merged`` is off."""
+        module = self.engine.module
+        dirs = [out_dir]
+        if self.lora:
+            adapter_dir = out_dir.with_name("adapter")
+            state = lora.trained_state(module, self.role_cfg.zero_stage == 3, self.rank)
+            if self.rank == 0:
+                module.save_pretrained(str(adapter_dir), state_dict=state,
+                                       safe_serialization=True)
+            dirs = [adapter_dir]
+            if self.role_cfg.lora.save_merged:
+                self._save_plain(lora.plain_model(module), out_dir)
+                dirs.append(out_dir)
+        else:
+            self._save_plain(module, out_dir)
+        if self.rank == 0 and tokenizer is not None:
+            for d in dirs:
+                tokenizer.save_pretrained(str(d))
+        torch.distributed.barrier()
+
+    def _save_plain(self, model, out_dir: Path) -> None:
+        state = self.gathered_state_dict(model)
+        if self.rank == 0:
+            model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
+
+    def gathered_state_dict(self, model=None) -> dict | None:
+        """The full state dict on rank 0 (None elsewhere), gathered under ZeRO-3; a model with
+        LoRA adapters gives the plain model's, each adapted layer merged."""
         import deepspeed
-        model = self.engine.module
+        model = self.engine.module if model is None else model
+        if lora.has_adapters(model):
+            merged = {}
+            # every rank iterates: under ZeRO-3 each layer's gather is a collective
+            for name, tensor in lora.plain_parameters(model, self.role_cfg.zero_stage == 3):
+                if self.rank == 0:
+                    merged[name] = tensor.clone()
+            return merged if self.rank == 0 else None
         if self.role_cfg.zero_stage == 3:
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
                 return ({k: v.detach().clone() for k, v in model.state_dict().items()}

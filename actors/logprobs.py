@@ -101,11 +101,17 @@ def build_inputs(seqs: list[Sequence], pack: bool | str, pad_id: int = 0) -> Mod
                        len(seqs), torch.tensor(last, dtype=torch.long))
 
 
+def unwrap(model) -> torch.nn.Module:
+    """The transformers model inside a DeepSpeed engine and a peft (LoRA) wrapper."""
+    inner = getattr(model, "module", model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
 @contextmanager
 def head_on_positions(model, keep: torch.Tensor):
     """Feed only the ``keep`` positions (flat over rows*W) to the model's LM head, and to the
     last block's MLP (see :func:`last_mlp_on_positions`)."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     handle = inner.get_output_embeddings().register_forward_pre_hook(_picker(keep))
     try:
         with last_mlp_on_positions(inner, keep):
@@ -212,7 +218,7 @@ def sequence_scores(model, inputs: ModelInputs) -> torch.Tensor:
     model's reward), in sequence order. The model's own pooling (the last non-pad token of a
     row) cannot read packed rows, so the score head's output is read at ``inputs.last``; the
     last block's MLP runs on those positions alone."""
-    inner = getattr(model, "module", model)
+    inner = unwrap(model)
     head = getattr(inner, "score", None)
     if head is None:
         raise TypeError(f"{type(inner).__name__} has no 'score' head; "

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from actors import lora
 from actors.group import ALL, SCATTER, SHARDS, dispatch
 from actors.deepspeed_actor import DeepSpeedActor
 from actors.logprobs import (build_inputs, pair_inputs, pair_logprobs, response_logprobs,
@@ -29,8 +30,9 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
     role = "policy"
 
     def weights_module(self):
-        """The HF model whose parameters go to the rollout engines."""
-        return self.engine.module
+        """The HF model whose parameters go to the rollout engines (inside a LoRA wrapper:
+        the weight sync merges its adapters, see actors/lora.py)."""
+        return lora.plain_model(self.engine.module)
 
     def weights_zero3(self) -> bool:
         return self.cfg.policy.zero_stage == 3
@@ -47,6 +49,7 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
                  else load_causal_lm(cfg.model, trainable=True))
         if cfg.policy.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        model = self.adapt(model, "classifier" if cfg.algorithm == "rm" else "causal")
         self.build_engine(model, cfg.optim.lr)
         return sum(p.numel() for p in model.parameters())
 
@@ -105,6 +108,19 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         self.engine.eval()
         return response_logprobs(self.engine, sequences, self.cfg.train.micro_batch_size,
                                  self.cfg.packing, self.pad_id)
+
+    # ---- the reference as the base weights (reference.from: policy_base) -------------------
+    @dispatch(SCATTER)
+    def base_logprobs(self, pairs) -> list[tuple[float, float]]:
+        """:meth:`logprobs` with the LoRA adapters switched off: the starting policy's."""
+        with lora.base_weights(self.engine.module):
+            return self.logprobs(pairs)
+
+    @dispatch(SCATTER)
+    def base_token_logprobs(self, sequences) -> list[list[float]]:
+        """:meth:`token_logprobs` with the LoRA adapters switched off."""
+        with lora.base_weights(self.engine.module):
+            return self.token_logprobs(sequences)
 
     # ---- evaluation -----------------------------------------------------------------------
     @dispatch(SCATTER)
@@ -173,19 +189,12 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
     # ---- checkpoints ----------------------------------------------------------------------
     @dispatch(ALL)
     def save(self, ckpt_dir: str, remote=None) -> None:
-        """DeepSpeed state (model, optimizer, scheduler) + this rank's RNG + an HF model dir."""
+        """DeepSpeed state (model, optimizer, scheduler) + this rank's RNG + a Hugging Face
+        model dir (``model``; for rm a sequence classifier that ``reward.kind: model`` and
+        ``critic.model_path`` load) and with LoRA the adapter dir (``adapter``)."""
         self.save_state(Path(ckpt_dir))
-        self.save_hf(str(Path(ckpt_dir) / "model"))
+        self.save_model_dir(Path(ckpt_dir) / "model", self.tokenizer)
         self.publish(ckpt_dir, remote)
-
-    def save_hf(self, out_dir: str) -> None:
-        """Hugging Face model dir (safetensors + tokenizer), gathered under ZeRO-3; for rm a
-        sequence classifier that ``reward.kind: model`` and ``critic.model_path`` load."""
-        state = self.gathered_state_dict()
-        if self.rank == 0:
-            self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
-            self.tokenizer.save_pretrained(out_dir)
-        torch.distributed.barrier()
 
     @dispatch(ALL)
     def load(self, ckpt_dir: str, remote=None) -> None:

@@ -269,14 +269,23 @@ def describe(module: torch.nn.Module, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     reports what it did not get).
     """
     names, dtypes, shapes, saved = [], [], [], checkpoint_namer(module)
-    for name, p in module.named_parameters():
+    for name, dtype, shape in _plain_shapes(module):
         if name.startswith(tuple(exclude)):
             continue
         names.append(saved(name))
-        dtypes.append(str(p.dtype).removeprefix("torch."))
-        shapes.append(full_shape(p))
+        dtypes.append(str(dtype).removeprefix("torch."))
+        shapes.append(shape)
     sizes = [_nbytes(d, s) for d, s in zip(dtypes, shapes)]
     return UpdateInfo(names, dtypes, shapes, plan_buckets(sizes, bucket_bytes))
+
+
+def _plain_shapes(module: torch.nn.Module) -> list[tuple[str, torch.dtype, list[int]]]:
+    """(name, dtype, full shape) of the parameters a plain copy of ``module`` has (a module
+    with LoRA adapters: its layers merged, see actors/lora.py)."""
+    from actors import lora
+    if lora.has_adapters(module):
+        return lora.plain_shapes(module)
+    return [(n, p.dtype, full_shape(p)) for n, p in module.named_parameters()]
 
 
 def full_parameters(module: torch.nn.Module, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
@@ -288,6 +297,11 @@ def full_parameters(module: torch.nn.Module, zero3: bool) -> Iterator[tuple[str,
     The gather is a collective: every trainer rank must iterate this, in step.
     """
     saved = checkpoint_namer(module)
+    from actors import lora
+    if lora.has_adapters(module):  # each adapted layer merged with its adapters
+        for name, tensor in lora.plain_parameters(module, zero3):
+            yield saved(name), tensor
+        return
     if not zero3:
         for name, p in module.named_parameters():
             yield saved(name), p.detach()

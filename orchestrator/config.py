@@ -18,7 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from orchestrator import trackers
-from orchestrator.schema import ConfigError, build, describe, param, set_dotted
+from orchestrator.schema import ConfigError, build, describe, param, plain, set_dotted
 
 
 OFFLINE = ("dpo", "sft", "rm")  # trained from a fixed dataset; the rest sample as they train
@@ -104,9 +104,26 @@ class RoleConfig:
 
 
 @dataclass
+class LoraConfig:
+    rank: int = param(0, "LoRA rank r of the adapters trained instead of the full weights; 0 "
+                         "trains every weight", ge=0)
+    alpha: float = param(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank", gt=0)
+    dropout: float = param(0.0, "dropout on the adapters' input", ge=0, lt=1)
+    target_modules: list[str] = param(help="modules that get adapters, by name or name suffix "
+                                           "(q_proj, v_proj, ...); [all-linear]: every linear "
+                                           "layer but the output head",
+                                      factory=lambda: ["all-linear"])
+    save_merged: bool = param(True, "checkpoints also hold the base weights with the adapters "
+                                    "merged in, as a plain Hugging Face dir (step-N/model); "
+                                    "false: the adapter alone (step-N/adapter)")
+
+
+@dataclass
 class PolicyConfig(RoleConfig):
     zero_stage: int = param(2, "DeepSpeed ZeRO stage", ge=0, le=3)
     gradient_checkpointing: bool = param(False, "recompute activations in backward to save memory")
+    lora: LoraConfig = param(help="LoRA adapters (peft) instead of full fine-tuning",
+                             factory=LoraConfig)
 
 
 @dataclass
@@ -122,6 +139,10 @@ class CriticConfig(PolicyConfig):
 class ReferenceConfig(RoleConfig):
     precompute: bool = param(True, "score the whole dataset once before training "
                                    "instead of every batch")
+    source: str = param("model", "model: a frozen copy of model.path in its own actors; "
+                                 "policy_base: the policy trainer's own base weights with its "
+                                 "LoRA adapters switched off (no reference actors at all)",
+                        choices=("model", "policy_base"), key="from")
     colocate_with: Optional[str] = colocation("policy")
 
 
@@ -428,7 +449,7 @@ class RunConfig:
         return cls.from_dict(read_yaml(path), overrides)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return plain(self)
 
     # ---- rules that span fields --------------------------------------------------------------
     def check(self) -> None:
@@ -453,6 +474,7 @@ class RunConfig:
                 raise ConfigError(f"fault.inject: {role} has no rank {rank} ({role}.actors="
                                   f"{getattr(self, role).actors}); ranks count from 0")
         self._check_trackers()
+        self._check_lora()
         if self.eval.reward_fn is not None and ":" not in self.eval.reward_fn:
             raise ConfigError(f"eval.reward_fn: {self.eval.reward_fn!r} must look like module:function")
         if self.algorithm not in ("dpo", "online_dpo"):
@@ -461,6 +483,37 @@ class RunConfig:
             raise ConfigError("dpo.label_smoothing: loss 'cdpo' needs a value in (0, 0.5)")
         if self.dpo.loss != "cdpo" and self.dpo.label_smoothing != 0:
             raise ConfigError(f"dpo.label_smoothing: only used by loss 'cdpo', not '{self.dpo.loss}'")
+
+    def _check_lora(self) -> None:
+        trained = [r for r in ("policy", "critic") if r in self.roles()]
+        with_lora = [r for r in trained if getattr(self, r).lora.rank > 0]
+        if self.reference.source == "policy_base" and self.algorithm not in ("sft", "rm"):
+            if self.policy.lora.rank == 0:
+                raise ConfigError("reference.from: policy_base is the policy's base weights "
+                                  "with its LoRA adapters switched off, and policy.lora.rank "
+                                  "is 0 (full fine-tuning moves the base weights too); set "
+                                  "policy.lora.rank > 0, or reference.from: model")
+        if with_lora:
+            import importlib.util
+            if importlib.util.find_spec("peft") is None:
+                raise ConfigError(f"{with_lora[0]}.lora.rank: LoRA needs peft, which is not "
+                                  f"installed here; pip install 'rayalign[lora]'")
+
+    def _check_lora_targets(self, model_dir: Path) -> None:
+        """Adapters on a tied embedding would change the input table alone, while a merged copy
+        changes the output head with it: the model that trained is not the one sent."""
+        import json
+        config = json.loads((model_dir / "config.json").read_text())
+        tied = config.get("tie_word_embeddings", config.get("text_config", {}).get(
+            "tie_word_embeddings", True))
+        embeddings = {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings"}
+        for role in ("policy", "critic"):
+            lora = getattr(self, role).lora
+            bad = sorted(embeddings & set(lora.target_modules))
+            if lora.rank and tied and bad and role in self.roles():
+                raise ConfigError(f"{role}.lora.target_modules: {', '.join(bad)} is the tied "
+                                  f"input/output embedding of {model_dir}, which LoRA cannot "
+                                  f"adapt as one table; leave it out")
 
     def _check_trackers(self) -> None:
         named = self.log.trackers
@@ -484,10 +537,12 @@ class RunConfig:
         """The config sections of the roles this run starts, in start order."""
         if self.algorithm in ("sft", "rm"):
             return ["policy"]
+        # reference.from policy_base: the policy scores with its adapters off, no own actors
+        reference = ["reference"] if self.reference.source == "model" else []
         if self.algorithm == "dpo":
-            return ["policy", "reference"]
+            return ["policy", *reference]
         engines = [] if self.hybrid else ["rollout"]  # hybrid: the policy generates
-        return [*engines, "policy", *(["critic"] if self.uses_critic else []), "reference",
+        return [*engines, "policy", *(["critic"] if self.uses_critic else []), *reference,
                 "reward"]
 
     @property
@@ -572,6 +627,7 @@ class RunConfig:
                                   f"`rayalign tiny-model {model}`")
             if (model / "config.json").is_file():
                 check_family(model, self.model.trust_remote_code)
+                self._check_lora_targets(model)
         critic = self.critic.model_path
         if (self.uses_critic and critic and "critic.model_path" not in pending
                 and not (Path(critic) / "config.json").is_file()):

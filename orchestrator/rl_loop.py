@@ -188,7 +188,7 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         session.update_done(step, pipe.resume_state(),
                             [p.row for p in ro.prompts if p.row not in dropped],
                             cfg.rl.group_size, dropped)
-        return ro, scored, row
+        return ro, scored, row, dropped
 
     def sync(step: int) -> None:
         try:
@@ -203,7 +203,7 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
             pipe.restart(session.sampler_state)  # a batch generated ahead is drawn again
         while True:
             try:
-                ro, scored, row = sample_and_update(step)
+                ro, scored, row, dropped = sample_and_update(step)
                 break
             except RoleFailure as failure:  # before the update: take the step again
                 recovery.recover(failure, step)
@@ -219,7 +219,8 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         pipe.after_sync(step)
         if pipe.reissued:  # prompts of a lost engine generated again (only those)
             row["rollout/reissued_prompts"], pipe.reissued = pipe.reissued, 0
-        row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size), **elastic.metrics(),
+        row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size, dropped),
+                   **elastic.metrics(),
                    **recovery.pop(step),
                    **timer.pop(), **{"timing/step": time.perf_counter() - t_step})
         session.end_step(step, row, pipe.resume_state(),
@@ -254,12 +255,12 @@ def make_update(cfg, roles, ro: Rollout, scored: Scores):
                            scored.values)
 
 
-def step_metrics(ro: Rollout, rewards: torch.Tensor, group_size: int) -> dict:
-    """The step's rows and its samples' reward and length; samples dropped for a failed reward
-    (``drop_failed``) are counted, not averaged in."""
-    kept = [i for i, s in enumerate(ro.samples) if s.finish_reason != "dropped"]
-    dropped = {ro.prompts[i // group_size].row for i in range(len(ro.samples))} - \
-        {ro.prompts[i // group_size].row for i in kept}
+def step_metrics(ro: Rollout, rewards: torch.Tensor, group_size: int,
+                 dropped: list = ()) -> dict:
+    """The step's rows and its samples' reward and length; the samples of ``dropped`` rows
+    (a failed reward, see ``drop_failed``) are counted, not averaged in."""
+    dropped = set(dropped)
+    kept = [i for i in range(len(ro.samples)) if ro.prompts[i // group_size].row not in dropped]
     row = {"batch/rows": [p.row for p in ro.prompts if p.row not in dropped],  # rows trained on
            "batch/samples_per_row": group_size,
            "reward/mean": rewards[kept].mean().item(), "reward/std": rewards[kept].std().item(),

@@ -170,6 +170,38 @@ class Placement:
 TRAINER_CLASSES = {"policy": PolicyTrainer, "critic": Critic}
 
 
+class BaseReference:
+    """The reference role played by the policy trainer with its LoRA adapters switched off
+    (``reference.from: policy_base``): the driver calls it as it would a reference group,
+    and each call goes to the current policy group's adapter-off twin of the method. A call is
+    padded to a multiple of the trainer ranks (under ZeRO-3 they compute in lockstep) and
+    the padding's results dropped. A failure names the policy, the process that holds it."""
+
+    METHODS = {"logprobs": "base_logprobs", "token_logprobs": "base_token_logprobs"}
+
+    def __init__(self, roles: "RoleSet"):
+        self.roles, self._sizes = roles, {}
+
+    @property
+    def group(self) -> ActorGroup:
+        return self.roles.policy
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def submit(self, method: str, items: list) -> list:
+        from orchestrator.progress import pad_to_multiple
+        refs = self.group.submit(self.METHODS[method], pad_to_multiple(list(items), len(self)))
+        self._sizes[refs[0]] = len(items)
+        return refs
+
+    def gather(self, method: str, refs: list) -> list:
+        return self.group.gather(self.METHODS[method], refs)[:self._sizes.pop(refs[0])]
+
+    def run(self, method: str, items: list) -> list:
+        return self.gather(method, self.submit(method, items))
+
+
 class RoleSet:
     """The groups of a run in their placement groups, and replacing one in the same bundles:
     a dead or hung replica's whole group goes (its peers may wait on it) and a new one starts."""
@@ -206,8 +238,7 @@ class RoleSet:
         if name != "reference":
             raise ValueError(f"role {name} cannot be replaced in place here")
         new = self._restart(name, Reference, (self.cfg,))
-        ray.get([a.ready.remote() for a in new.actors])
-        return new
+        return _loaded(new)
 
     def replace_trainers(self, names: list[str], method: str | None = None) -> None:
         """New groups for trainer roles ``names`` (policy, critic): each builds a new
@@ -241,14 +272,18 @@ class OfflineRoles(RoleSet):
             self.policy = self._keep(self.placement.start("policy", PolicyTrainer, (cfg,)))
             self.n_params = setup_trainers(self.policy)[0]  # the reference loads meanwhile
             if self.reference is not None:
-                ray.get([a.ready.remote() for a in self.reference.actors])
+                _loaded(self.reference)
+            elif cfg.algorithm == "dpo":  # reference.from: policy_base
+                self.reference = BaseReference(self)
         except BaseException:
             self.shutdown()
             raise
 
     def stop_reference(self) -> None:
         """Free the reference's resources once its log-probs are all precomputed."""
-        if self.reference is not None:
+        if isinstance(self.reference, BaseReference):
+            self.reference = None  # nothing of its own to free
+        elif self.reference is not None:
             self._retire("reference")
             if getattr(self.reference, "owns_placement", True):
                 ray.util.remove_placement_group(self.reference.placement_group)
@@ -270,6 +305,13 @@ def merge_usage(parts: list[dict]) -> dict:
     return out
 
 
+def _loaded(*groups: ActorGroup) -> ActorGroup | None:
+    """Wait until every replica of ``groups`` (reference, reward: they load in their
+    constructor) is up; the first group."""
+    ray.get([a.ready.remote() for g in groups for a in g.actors])
+    return groups[0] if groups else None
+
+
 def setup_trainers(*groups: ActorGroup) -> list[int]:
     """Each trainable group joins its own torch.distributed world (rendezvous at its replica
     0) and builds its DeepSpeed engine; the groups set up side by side. Returns #params each."""
@@ -284,7 +326,9 @@ def start_offline_roles(cfg) -> OfflineRoles:
     roles = OfflineRoles(cfg)
     log.info("roles up: %s trainer %d x ZeRO-%d (%.2fM parameters)%s", cfg.algorithm,
              len(roles.policy), cfg.policy.zero_stage, roles.n_params / 1e6,
-             f", reference {len(roles.reference)}" if roles.reference is not None else "")
+             "" if roles.reference is None else ", reference: the policy's base weights"
+             if isinstance(roles.reference, BaseReference) else
+             f", reference {len(roles.reference)}")
     return roles
 
 
@@ -351,11 +395,12 @@ class RLRoles(RoleSet):
             self.policy = self._keep(placement.start("policy", PolicyTrainer, (cfg,)))
             self.critic = (self._keep(placement.start("critic", Critic, (cfg,)))
                            if cfg.uses_critic else None)
-            self.reference = self._keep(placement.start("reference", Reference, (cfg,)))
+            self.reference = (self._keep(placement.start("reference", Reference, (cfg,)))
+                              if "reference" in cfg.roles() else BaseReference(self))
             self.reward = self._keep(placement.start("reward", RewardScorer,
                                                      (reward_settings(cfg),)))
             setup_trainers(*self.trainables)
-            ray.get([a.ready.remote() for g in (self.reference, self.reward) for a in g.actors])
+            _loaded(*[g for g in self.groups if g.role in ("reference", "reward")])
             self.connect_engines(self.rollout)
         except BaseException:
             self.shutdown()
@@ -402,9 +447,7 @@ class RLRoles(RoleSet):
         if name == "reference":
             return super().replace(name)
         if name == "reward":
-            new = self._restart(name, RewardScorer, (reward_settings(cfg),))
-            ray.get([a.ready.remote() for a in new.actors])
-            return new
+            return _loaded(self._restart(name, RewardScorer, (reward_settings(cfg),)))
         new = _engines_started(self._restart(
             "rollout", engine_class(cfg.rollout), (rollout_settings(cfg.model, cfg.rollout),)))
         if self.elastic is not None:

@@ -18,9 +18,10 @@ class ConfigError(ValueError):
 
 def param(default: Any = dataclasses.MISSING, help: str = "", *, ge: float | None = None,
           gt: float | None = None, le: float | None = None, lt: float | None = None,
-          choices: tuple | None = None, factory: Any = None) -> Any:
-    """Declare a config field with its one-line meaning and allowed range."""
-    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices}
+          choices: tuple | None = None, factory: Any = None, key: str | None = None) -> Any:
+    """Declare a config field with its one-line meaning and allowed range; ``key``: the name it
+    has in YAML and overrides where that is not the field's (a Python keyword: ``from``)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "choices": choices, "key": key}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -109,7 +110,7 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
             known = ", ".join(sorted(fields))
@@ -118,12 +119,28 @@ def build(cls: type, data: Any, prefix: str = "") -> Any:
     for name, f in fields.items():
         key = _join(prefix, name)
         if name in data:
-            value = _coerce(data[name], hints[name], key)
+            value = _coerce(data[name], hints[f.name], key)
             check_range(value, f.metadata, key)
-            kwargs[name] = value
+            kwargs[f.name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required; {f.metadata.get('help', '')}")
     return cls(**kwargs)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's name in YAML."""
+    return f.metadata.get("key") or f.name
+
+
+def plain(obj: Any) -> Any:
+    """A config dataclass as nested dicts under the keys YAML uses (what :func:`build` reads)."""
+    if dataclasses.is_dataclass(obj):
+        return {_key(f): plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    return obj
 
 
 def _join(prefix: str, name: str) -> str:
@@ -135,7 +152,7 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     lines = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key = _join(prefix, f.name)
+        key = _join(prefix, _key(f))
         if dataclasses.is_dataclass(hints[f.name]):
             lines += describe(hints[f.name], key)
             continue

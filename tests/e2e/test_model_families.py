@@ -42,7 +42,9 @@ def test_family_trains_dpo_and_grpo_with_synced_vllm(family, make_config, grpo_c
     assert len(rows) == 3
     # the engine samples with the trainer's weights: at the start, and after each sync
     assert all(r["logprob_gap"] < 1e-3 for r in rows), (arch, [r["logprob_gap"] for r in rows])
-    assert rows[-1]["grad_norm"] > 0
+    # the policy was updated (a group whose samples all score alike has no gradient, so one
+    # step may have none; every step none would leave the syncs above nothing to carry)
+    assert max(r["grad_norm"] for r in rows[:-1]) > 0, (arch, [r["grad_norm"] for r in rows])
 
 
 def test_family_with_shipped_code_trains_with_trust_remote_code(shipped_model, make_config,

@@ -216,7 +216,8 @@ def test_config_file_not_yaml(tmp_path):
 def _leaf_keys(cls, prefix=""):
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
+        name = f.metadata.get("key") or f.name  # the YAML name (reference.from)
+        key = f"{prefix}.{name}" if prefix else name
         if dataclasses.is_dataclass(hints[f.name]):
             yield from _leaf_keys(hints[f.name], key)
         else:

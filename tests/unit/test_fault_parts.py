@@ -240,7 +240,7 @@ def test_drop_failed_leaves_out_whole_groups_of_a_failed_reward():
     assert ro.samples[2].response_ids == [5, 5, 5] and per_token[2] == [0.1] * 3  # not mutated
     # the metrics average the kept samples only and name the dropped rows
     from orchestrator.rl_loop import step_metrics
-    row = step_metrics(kept, scores.rewards, 2)
+    row = step_metrics(kept, scores.rewards, 2, dropped)
     assert row["batch/rows"] == [11, 13] and row["batch/dropped_rows"] == [12]
     assert row["reward/dropped"] == 2 and row["reward/mean"] == pytest.approx(3.5)
     clean = Scores(torch.tensor([1.0] * 6), per_token, None, None)

@@ -1,0 +1,143 @@
+"""LoRA (actors/lora.py): what leaves a trainer with adapters is the plain model's view of its
+weights (each adapted layer merged, under the plain layer's name, in the plain model's order);
+the adapters switched off give back the starting model; the config's rules around it."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from actors import lora
+from actors.weight_sync import checkpoint_names, describe, full_parameters
+from orchestrator.config import LoraConfig, RunConfig
+from orchestrator.schema import ConfigError
+from orchestrator.tiny_model import build_model
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "gpt_neox"])
+def model_dir(request, tmp_path_factory):
+    return build_model(tmp_path_factory.mktemp(request.param) / "model", "tiny",
+                       arch=request.param)
+
+
+def trained_adapters(model, seed: int = 0):
+    """Give every adapter a random update (peft starts B at zero: the merge would be a no-op)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def adapted(model_dir, kind="causal", **lora_kw):
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    kw = {} if kind == "causal" else {"num_labels": 1}
+    base = cls.from_pretrained(model_dir, dtype=torch.float32, **kw)
+    cfg = LoraConfig(rank=4, alpha=8.0, **lora_kw)
+    return trained_adapters(lora.apply_lora(base, cfg, kind))
+
+
+def test_merged_parameters_are_the_plain_model_with_adapters_merged(model_dir):
+    model = adapted(model_dir)
+    inner = lora.plain_model(model)
+    assert lora.is_lora(model) and lora.has_adapters(inner)
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        expected_logits = model(input_ids=ids).logits
+    ours = dict(lora.plain_parameters(inner, zero3=False))
+    shapes = lora.plain_shapes(inner)
+    # peft's own merge gives the plain model these weights should equal
+    merged = model.merge_and_unload()
+    plain = dict(merged.named_parameters())
+    assert [n for n, _, _ in shapes] == list(ours) == list(plain)
+    for name, dtype, shape in shapes:
+        assert torch.allclose(ours[name], plain[name], atol=1e-6), name
+        assert list(plain[name].shape) == shape and plain[name].dtype == dtype
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, expected_logits, atol=1e-5)
+
+
+def test_weight_sync_sends_checkpoint_names_in_order(model_dir):
+    """What an engine loads by: the names of the model's own checkpoint, every one of them,
+    in the order the metadata announces them."""
+    inner = lora.plain_model(adapted(model_dir))
+    info = describe(inner)
+    tied = inner.config.get_text_config().tie_word_embeddings
+    assert set(info.names) == checkpoint_names(str(model_dir), tied)
+    assert [n for n, _ in full_parameters(inner, zero3=False)] == info.names
+
+
+def test_adapters_off_give_the_starting_model(model_dir):
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.randint(0, 100, (2, 10))
+    with torch.no_grad():
+        start = base(input_ids=ids).logits
+        model = adapted(model_dir)
+        with lora.base_weights(model):
+            off = model(input_ids=ids).logits
+        on = model(input_ids=ids).logits
+    assert torch.equal(off, start)
+    assert not torch.allclose(on, start, atol=1e-4)  # the adapters do move it
+
+
+def test_only_adapters_train_and_the_output_head_is_left_alone(model_dir):
+    model = adapted(model_dir)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    assert not any("lm_head" in n or "embed_out" in n for n in trained)
+
+
+def test_classifier_head_trains_in_full_and_is_saved_plain(model_dir):
+    model = adapted(model_dir, "classifier")
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("base_model.model.score.modules_to_save") for n in trained)
+    inner = lora.plain_model(model)
+    ours = dict(lora.plain_parameters(inner, zero3=False))
+    head = model.base_model.model.score.modules_to_save["default"].weight
+    assert torch.equal(ours["score.weight"], head.detach())
+    assert [n for n, _, _ in lora.plain_shapes(inner)] == list(ours)
+    assert list(ours) == [n for n, _ in model.merge_and_unload().named_parameters()]
+
+
+def test_named_target_modules(model_dir):
+    model = adapted(model_dir, target_modules=["v_proj"]) if "neox" not in str(model_dir) \
+        else adapted(model_dir, target_modules=["query_key_value"])
+    adapted_layers = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert adapted_layers and all(n.endswith(("v_proj", "query_key_value"))
+                                  for n in adapted_layers)
+
+
+def run_config(tmp_path, *overrides):
+    return RunConfig.from_dict({"model": {"path": str(tmp_path)},
+                                "data": {"train": str(tmp_path / "t.jsonl")}}, list(overrides))
+
+
+def test_reference_from_policy_base_needs_adapters(tmp_path):
+    with pytest.raises(ConfigError, match=r"reference.from: policy_base .* policy.lora.rank"):
+        run_config(tmp_path, "reference.from=policy_base")
+    cfg = run_config(tmp_path, "reference.from=policy_base", "policy.lora.rank=8")
+    assert cfg.reference.source == "policy_base" and cfg.roles() == ["policy"]
+    assert cfg.to_dict()["reference"]["from"] == "policy_base"
+    assert RunConfig.from_dict(cfg.to_dict()).reference.source == "policy_base"
+    assert run_config(tmp_path).roles() == ["policy", "reference"]
+    grpo = run_config(tmp_path, "algorithm=grpo", "reference.from=policy_base",
+                      "policy.lora.rank=8", "train.batch_size=16", "rl.prompts_per_step=2",
+                      "reward.function=orchestrator.synthetic:reward")
+    assert "reference" not in grpo.roles() and "policy" in grpo.roles()
+    with pytest.raises(ConfigError, match="reference.from: got 'base'"):
+        run_config(tmp_path, "reference.from=base")
+
+
+def test_value_model_with_adapters_keeps_its_head_whole(model_dir):
+    """critic.lora: the token-level value head trains in full, the transformer by adapters."""
+    from actors.critic import load_value_model
+    model = load_value_model(str(model_dir), "float32", "sdpa")
+    model = trained_adapters(lora.apply_lora(model, LoraConfig(rank=4), "classifier"))
+    trained = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trained & {"score", "classifier"}
+    inner = lora.plain_model(model)
+    ours = dict(lora.plain_parameters(inner, zero3=False))
+    assert list(ours) == [n for n, _ in model.merge_and_unload().named_parameters()]
