@@ -59,6 +59,7 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         """One optimizer step of the run's offline objective over this replica's rows (a
         PreferenceBatch or an SFTBatch); returns sums the driver adds up."""
         cfg, engine = self.cfg, self.engine
+        self._engine_stale = True  # (online DPO's update comes here too)
         objective = OBJECTIVES[cfg.algorithm]
         t0 = time.perf_counter()
         engine.train()
@@ -78,6 +79,7 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
     def rl_step(self, batch) -> dict:
         """One online-RL policy update over this replica's rows (see actors/rl_update.py)."""
         from actors.rl_update import rl_update
+        self._engine_stale = True
         return rl_update(self, batch, self.cfg, self.pad_id)
 
     @dispatch(SCATTER)
@@ -87,6 +89,8 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
         weights are ever copied. Under ZeRO-3 with several ranks each forward gathers the
         layers' shards, a collective: the ranks decode in lockstep (``synced_gpus``), and every
         rank must get a call."""
+        if self.cfg.rollout.backend == "vllm":
+            return self._generate_vllm(prompts, sampling)
         from actors.rollout_hf import HFRolloutEngine
         from orchestrator.roles import rollout_settings
         if getattr(self, "_sampler", None) is None:
@@ -101,6 +105,43 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
             return self._sampler.generate(prompts, sampling)
         finally:
             module.train(training)
+
+    def _generate_vllm(self, prompts: list[list[int]], sampling: dict | None) -> list:
+        """The hybrid engine with vLLM: an engine in this process (made at the first call),
+        given this trainer's weights by an in-memory copy whenever they changed since it last
+        sampled, and on GPU asleep (KV cache freed) except while it generates."""
+        engine = self._local_engine()
+        engine.wake()
+        try:
+            if self._engine_stale:
+                self._copy_weights(engine)
+            return engine.generate(prompts, sampling)
+        finally:
+            engine.sleep()
+
+    def _local_engine(self):
+        if getattr(self, "_vllm", None) is None:
+            import dataclasses
+
+            from actors.rollout import RolloutEngine
+            from actors.vllm_weight_engine import LOCAL
+            from orchestrator.roles import rollout_settings
+            settings = dataclasses.replace(
+                rollout_settings(self.cfg.model, self.cfg.rollout), weight_backend=LOCAL,
+                sleep=torch.cuda.is_available() and self.cfg.policy.gpus > 0)
+            self._vllm = RolloutEngine(self.rank, self.world_size, settings)
+            self._engine_stale = True  # model.path's weights, or not this trainer's (resume)
+        return self._vllm
+
+    def _copy_weights(self, engine) -> None:
+        from actors import vllm_weight_engine
+        from actors.weight_sync import describe, full_parameters
+        module = self.weights_module()
+        info = describe(module).payload()
+        with torch.no_grad():
+            vllm_weight_engine.feed_local(full_parameters(module, self.weights_zero3()))
+            engine.update_weights(info)
+        self._engine_stale = False
 
     @dispatch(SCATTER)
     def token_logprobs(self, sequences) -> list[list[float]]:
@@ -200,3 +241,4 @@ class PolicyTrainer(DeepSpeedActor, WeightSender):
     def load(self, ckpt_dir: str, remote=None) -> None:
         self.fetch(ckpt_dir, remote)
         self.load_state(Path(ckpt_dir))
+        self._engine_stale = True

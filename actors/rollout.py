@@ -56,6 +56,7 @@ class RolloutSettings:
                                          # own, cpu_threads_bind)
     max_num_seqs: int | None = None      # sequences decoded at once (None: vLLM's default; hf 256)
     trust_remote_code: bool = False      # run the modelling code the checkpoint ships
+    sleep: bool = False                  # GPU: vLLM's sleep mode (KV cache freed between calls)
 
 
 @dataclass
@@ -222,6 +223,8 @@ class RolloutEngine(EngineBase):
             kwargs["max_num_seqs"] = s.max_num_seqs
         if s.weight_sync:
             kwargs["weight_transfer_config"] = {"backend": s.weight_backend}
+        if s.sleep:
+            kwargs["enable_sleep_mode"] = True
         if not _has_gpu():
             kwargs["kv_cache_memory_bytes"] = int(s.kv_cache_gib * (1 << 30))
         t0 = time.perf_counter()
@@ -353,6 +356,19 @@ class RolloutEngine(EngineBase):
                  reports[0].get("received", 0), seconds)
         return {"rank": self.rank, "received": reports[0].get("received", 0),
                 "checked": reports[0].get("checked", False), "seconds": seconds}
+
+    def sleep(self) -> None:
+        """With ``settings.sleep``: free the KV cache and move the weights off the device
+        (vLLM's sleep level 1) until :meth:`wake`; the trainer has the device meanwhile."""
+        if self.settings.sleep and not getattr(self, "asleep", False):
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake(self) -> None:
+        """Undo :meth:`sleep` (weights back on the device, KV cache allocated again)."""
+        if getattr(self, "asleep", False):
+            self.llm.wake_up()
+            self.asleep = False
 
     def shutdown(self) -> None:
         """Stop the engine's processes now rather than when the actor dies."""

@@ -16,6 +16,27 @@ import torch
 from actors.weight_sync import (BACKEND, SyncTally, UpdateInfo, WeightGroup, checkpoint_names,
                                  open_group, receive_buckets)
 
+# the engine inside the policy trainer's own process (the hybrid engine with vLLM): weights
+# come by an in-memory copy from the trainer's tensors, which the trainer hands over here
+LOCAL = "rayalign_local"
+LOCAL_BATCH = 32  # tensors per load_weights call
+_local_source = None
+
+
+def feed_local(tensors) -> None:
+    """The trainer's side of a local sync: an iterator of (checkpoint name, tensor) in the
+    order of the update's metadata, consumed by the next ``update_weights`` in this process."""
+    global _local_source
+    _local_source = tensors
+
+
+def _take_local():
+    global _local_source
+    source, _local_source = _local_source, None
+    if source is None:
+        raise RuntimeError("local weight update without the trainer's tensors (feed_local)")
+    return source
+
 
 def refresh_shared_layers(model: torch.nn.Module) -> int:
     """Re-run weight post-processing of layers that share a parameter with another layer.
@@ -112,7 +133,29 @@ def _engine_classes():
         def shutdown(self) -> None:
             self.group = None
 
-    return GlooInitInfo, GlooUpdateInfo, GlooWeightTransferEngine
+    class LocalWeightTransferEngine(GlooWeightTransferEngine):
+        """Copies the trainer's tensors in the same process (no group, no wire). Each tensor
+        is cloned before it is loaded: a layerwise reload keeps what it is given until the
+        layer is whole, and the trainer's tensor may be a ZeRO-3 gather freed right after."""
+
+        def init_transfer_engine(self, init_info) -> None:
+            pass
+
+        def receive_weights(self, info: GlooUpdateInfo) -> None:
+            batch = []
+            for name, tensor in _take_local():
+                if self.tally.expected is not None and name not in self.tally.expected:
+                    self.tally.unexpected.add(name)
+                    continue
+                batch.append((name, tensor.detach().clone()))
+                self.tally.received.add(name)
+                if len(batch) >= LOCAL_BATCH:
+                    self.model.load_weights(batch)
+                    batch = []
+            if batch:
+                self.model.load_weights(batch)
+
+    return GlooInitInfo, GlooUpdateInfo, GlooWeightTransferEngine, LocalWeightTransferEngine
 
 
 class WeightSyncExtension:
@@ -129,10 +172,13 @@ class WeightSyncExtension:
 
 
 def register() -> None:
-    """Register ``rayalign_gloo`` in vLLM's factory (idempotent); needs vLLM installed."""
+    """Register ``rayalign_gloo`` and ``rayalign_local`` in vLLM's factory (idempotent);
+    needs vLLM installed."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
     if BACKEND not in WeightTransferEngineFactory._registry:
-        WeightTransferEngineFactory.register_engine(BACKEND, _engine_classes()[2])
+        classes = _engine_classes()
+        WeightTransferEngineFactory.register_engine(BACKEND, classes[2])
+        WeightTransferEngineFactory.register_engine(LOCAL, classes[3])
 
 
 if "vllm" in sys.modules:

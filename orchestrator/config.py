@@ -172,9 +172,11 @@ class RolloutConfig(RoleConfig):
                                  "actor (hf: CPU only, tensor_parallel_size 1; faster than vLLM "
                                  "for tiny models on a CPU)", choices=("vllm", "hf"))
     colocate_with: Optional[str] = param(
-        None, "policy: the hybrid engine, generation inside the policy trainer's actors with "
-              "their own module (no rollout actors, no weight sync; backend hf); none: engines "
-              "of their own", choices=("policy",))
+        None, "policy: the hybrid engine, generation inside the policy trainer's actors (no "
+              "rollout actors; hf: with the trainer's own module, no weight copy; vllm: an "
+              "engine in the trainer's process, weights copied in memory after each update, "
+              "asleep while the trainer trains on GPU); none: engines of their own",
+        choices=("policy",))
 
     def check(self) -> None:
         """Rules between the keys of this section (also used by ``rayalign generate``)."""
@@ -182,11 +184,12 @@ class RolloutConfig(RoleConfig):
             raise ConfigError(f"rollout.gpus: {self.gpus:g} with rollout.backend hf; the hf "
                               f"backend runs on CPU only: set rollout.gpus to 0 or use "
                               f"rollout.backend vllm")
-        if self.colocate_with == "policy" and self.backend != "hf":
-            raise ConfigError("rollout.colocate_with: policy (the hybrid engine) samples with "
-                              "transformers' generate in the trainer's process; vLLM inside the "
-                              "trainer is not built yet: set rollout.backend: hf, or drop "
-                              "rollout.colocate_with for engines of their own")
+        if self.colocate_with == "policy" and self.backend == "vllm" and (
+                self.tensor_parallel_size != 1 or not self.in_actor):
+            raise ConfigError(f"rollout.tensor_parallel_size: {self.tensor_parallel_size}, "
+                              f"rollout.in_actor: {self.in_actor}; the hybrid engine runs vLLM "
+                              f"whole inside each trainer process: set tensor_parallel_size 1 "
+                              f"and in_actor true, or drop rollout.colocate_with")
         if self.backend == "hf" and self.tensor_parallel_size != 1:
             raise ConfigError(f"rollout.tensor_parallel_size: {self.tensor_parallel_size} with "
                               f"rollout.backend hf, which holds the whole model in one process; "
