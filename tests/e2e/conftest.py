@@ -85,3 +85,19 @@ def drawn_rows(assets):
         return [[i + 1 for i in sampler.next_batch(cfg["rl"]["prompts_per_step"])]
                 for _ in range(cfg["train"]["max_steps"])]
     return rows
+
+
+@pytest.fixture(scope="module")
+def shared_ray():
+    """One embedded Ray for a module's in-process runs (``usefixtures("shared_ray")``): a run
+    uses the Ray it finds up and leaves it up, which saves each run Ray's start and stop
+    (about 8 s on this machine). Not for modules whose drivers run in subprocesses or that
+    make clusters of their own. 4 logical CPUs: the most any such run asks for."""
+    import ray
+
+    from orchestrator.config import ClusterConfig
+    from orchestrator.roles import connect
+    started = connect(ClusterConfig(num_cpus=4))
+    yield
+    if started:
+        ray.shutdown()

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from orchestrator import train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 
 ACCURACY_AFTER = 0.7   # held-out preference accuracy starts at 0.5 (policy == reference)
 REWARD_GAIN = 0.15     # ground-truth reward of samples, on a scale of [-1, 1]

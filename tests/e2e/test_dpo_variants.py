@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from orchestrator import train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 SHORT = ("train.max_steps=6", "eval.reward_fn=null", "log.trackers=[]")
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from orchestrator import RunConfig, train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 
 REWARD_GAIN = 0.1  # ground-truth reward of held-out samples, on a scale of [-1, 1]
 

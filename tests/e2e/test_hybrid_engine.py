@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from orchestrator import RunConfig, train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 
 
 def step_rows(run_dir) -> list[dict]:

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from orchestrator import RunConfig, train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 
 ACCURACY_AFTER = 0.65  # held-out preference accuracy from 0.5 (adapters start as a no-op)
 LORA = ["policy.lora.rank=16", "policy.lora.alpha=32", "reference.from=policy_base"]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from orchestrator import train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 
 STEPS, STOP = 8, 4
 RUN = ("train.max_steps=8", "checkpoint.every=4", "checkpoint.keep=3", "eval.reward_fn=null",

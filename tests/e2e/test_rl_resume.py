@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from orchestrator import RunConfig, train
 from orchestrator.reward_model import build_reward_model
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 STEPS, STOP = 4, 2
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from orchestrator import RunConfig, train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 
 
 def lines(path) -> list[dict]:
