@@ -27,8 +27,7 @@ import logging
 import shutil
 from pathlib import Path
 
-from bench_env import setup_logging  # noqa: F401  (sets the environment first)
-from bench_env import role_peaks
+from bench_env import role_peaks, setup_logging  # (sets the environment first)
 
 log = logging.getLogger("lora_memory")
 
@@ -77,6 +76,7 @@ def main() -> None:
     from orchestrator import synthetic
     from orchestrator.tiny_model import build_model
     args = parse_args()
+    setup_logging()
     out = Path(args.out)
     model_dir = build_model(out / f"model-{args.size}", args.size)
     data = synthetic.write_dataset(out / "data", n_train=args.steps * args.batch_size * 2,

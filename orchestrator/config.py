@@ -8,7 +8,6 @@ These dataclasses are also the public Python API for driver scripts::
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass

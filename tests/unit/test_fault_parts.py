@@ -260,12 +260,13 @@ def test_fault_enabled_false_replaces_nothing():
 
 
 def test_hybrid_engine_config():
-    """rollout.colocate_with: policy starts no rollout role, and needs the hf backend."""
-    cfg = RunConfig.from_yaml(GRPO, ["rollout.colocate_with=policy", "rollout.backend=hf"])
-    assert cfg.hybrid and "rollout" not in cfg.roles()
+    """rollout.colocate_with: policy starts no rollout role, with either backend (vLLM's
+    rules: tests/unit/test_hybrid_vllm_parts.py)."""
+    for backend in ("hf", "vllm"):
+        cfg = RunConfig.from_yaml(GRPO, ["rollout.colocate_with=policy",
+                                         f"rollout.backend={backend}"])
+        assert cfg.hybrid and "rollout" not in cfg.roles()
     assert not RunConfig.from_yaml(GRPO, ["rollout.backend=hf"]).hybrid
-    with pytest.raises(ConfigError, match="rollout.colocate_with: policy .* set rollout.backend: hf"):
-        RunConfig.from_yaml(GRPO, ["rollout.colocate_with=policy", "rollout.backend=vllm"])
 
 
 def test_run_in_chunks_keeps_order_and_quiet_off_a_terminal(capsys):
