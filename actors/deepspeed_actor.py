@@ -218,11 +218,10 @@ class DeepSpeedActor(Measured):
         if self.rank == 0:
             model.save_pretrained(str(out_dir), state_dict=state, safe_serialization=True)
 
-    def gathered_state_dict(self, model=None) -> dict | None:
-        """The full state dict on rank 0 (None elsewhere), gathered under ZeRO-3; a model with
-        LoRA adapters gives the plain model's, each adapted layer merged."""
+    def gathered_state_dict(self, model) -> dict | None:
+        """``model``'s full state dict on rank 0 (None elsewhere), gathered under ZeRO-3; a
+        model with LoRA adapters gives the plain model's, each adapted layer merged."""
         import deepspeed
-        model = self.engine.module if model is None else model
         if lora.has_adapters(model):
             merged = {}
             # every rank iterates: under ZeRO-3 each layer's gather is a collective

@@ -103,8 +103,8 @@ def build_inputs(seqs: list[Sequence], pack: bool | str, pad_id: int = 0) -> Mod
 
 def unwrap(model) -> torch.nn.Module:
     """The transformers model inside a DeepSpeed engine and a peft (LoRA) wrapper."""
-    inner = getattr(model, "module", model)
-    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    from actors.lora import plain_model
+    return plain_model(getattr(model, "module", model))
 
 
 @contextmanager

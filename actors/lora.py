@@ -68,29 +68,32 @@ def _head(sub: torch.nn.Module) -> bool:
     return hasattr(sub, "modules_to_save") and hasattr(sub, "original_module")
 
 
-def _merged(sub: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name within ``sub``, tensor) of what ``sub`` would be as a plain layer."""
+def _plain_of(sub: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, parameter) of the plain layer a peft wrapper stands for (before any merge)."""
     if _head(sub):
-        active = sub.modules_to_save[sub.active_adapters[0]]
-        return [(n, p.detach()) for n, p in active.named_parameters()]
+        return list(sub.modules_to_save[sub.active_adapters[0]].named_parameters())
     base = sub.base_layer
-    weight = base.weight.detach()
-    if not getattr(sub, "merged", False):
-        for name in sub.active_adapters:
-            if name in sub.lora_A or name in getattr(sub, "lora_embedding_A", {}):
-                weight = weight + sub.get_delta_weight(name).to(weight.dtype)
-    out = [("weight", weight)]
-    if getattr(base, "bias", None) is not None:
-        out.append(("bias", base.bias.detach()))
-    return out
+    return [("weight", base.weight)] + (
+        [("bias", base.bias)] if getattr(base, "bias", None) is not None else [])
 
 
-def plain_parameters(model: torch.nn.Module, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(module name, tensor) of the plain model a LoRA-wrapped transformers ``model`` stands
-    for, in its ``named_parameters`` order: adapted layers merged, adapters and peft's copies
-    of the heads left out. Under ZeRO-3 each layer's parameters (base and adapters together)
-    are gathered just before they are yielded (a collective: every rank iterates this)."""
-    gather = _gatherer(zero3)
+def _merged(sub: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name within ``sub``, tensor) of what ``sub`` would be as a plain layer: an adapted
+    layer's weight with its active adapters' update added."""
+    out = [(n, p.detach()) for n, p in _plain_of(sub)]
+    if _head(sub) or getattr(sub, "merged", False):
+        return out
+    weight = out[0][1]
+    for name in sub.active_adapters:
+        if name in sub.lora_A or name in getattr(sub, "lora_embedding_A", {}):
+            weight = weight + sub.get_delta_weight(name).to(weight.dtype)
+    return [("weight", weight)] + out[1:]
+
+
+def _units(model: torch.nn.Module):
+    """The parameters of the plain model ``model`` stands for, a module at a time, in its
+    ``named_parameters`` order: (name prefix, the parameters to gather, the plain (name,
+    parameter) list, the peft wrapper or None). A wrapper is one unit, adapters included."""
     seen: set[int] = set()
     skip: tuple[str, ...] = ()
     for prefix, sub in model.named_modules():
@@ -101,41 +104,32 @@ def plain_parameters(model: torch.nn.Module, zero3: bool) -> Iterator[tuple[str,
             skip = (dot,)
             params = list(sub.parameters())
             seen.update(id(p) for p in params)
-            with gather(params):
-                for name, tensor in _merged(sub):
-                    yield dot + name, tensor
+            yield dot, params, _plain_of(sub), sub
             continue
         own = [(n, p) for n, p in sub.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in own)
         if own:
-            with gather([p for _, p in own]):
-                for name, p in own:
-                    yield dot + name, p.detach()
+            yield dot, [p for _, p in own], own, None
+
+
+def plain_parameters(model: torch.nn.Module, zero3: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(module name, tensor) of the plain model a LoRA-wrapped transformers ``model`` stands
+    for, in its ``named_parameters`` order: adapted layers merged, adapters and peft's copies
+    of the heads left out. Under ZeRO-3 each layer's parameters (base and adapters together)
+    are gathered just before they are yielded (a collective: every rank iterates this)."""
+    gather = _gatherer(zero3)
+    for dot, params, plain, wrapper in _units(model):
+        with gather(params):
+            tensors = _merged(wrapper) if wrapper is not None else [
+                (n, p.detach()) for n, p in plain]
+            for name, tensor in tensors:
+                yield dot + name, tensor
 
 
 def plain_shapes(model: torch.nn.Module) -> list[tuple[str, torch.dtype, list[int]]]:
     """(module name, dtype, full shape) of :func:`plain_parameters`' tensors; reads no data."""
-    out, skip, seen = [], (), set()
-    for prefix, sub in model.named_modules():
-        if skip and prefix.startswith(skip):
-            continue
-        dot = f"{prefix}." if prefix else ""
-        if _adapted(sub) or _head(sub):
-            skip = (dot,)
-            seen.update(id(p) for p in sub.parameters())
-            layer = (sub.modules_to_save[sub.active_adapters[0]] if _head(sub)
-                     else sub.base_layer)
-            names = ([n for n, _ in layer.named_parameters()] if _head(sub)
-                     else ["weight"] + (["bias"] if getattr(layer, "bias", None) is not None
-                                        else []))
-            params = dict(layer.named_parameters())
-            out += [(dot + n, params[n].dtype, _full_shape(params[n])) for n in names]
-            continue
-        for n, p in sub.named_parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append((dot + n, p.dtype, _full_shape(p)))
-    return out
+    return [(dot + n, p.dtype, _full_shape(p)) for dot, _, plain, _ in _units(model)
+            for n, p in plain]
 
 
 def _full_shape(p: torch.Tensor) -> list[int]:
