@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from orchestrator import RunConfig, scale, train
 
-pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
+pytestmark = pytest.mark.e2e
 
 
 def step_rows(run_dir) -> dict[int, dict]:
