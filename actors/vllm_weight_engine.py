@@ -144,11 +144,9 @@ def _engine_classes():
         def receive_weights(self, info: GlooUpdateInfo) -> None:
             batch = []
             for name, tensor in _take_local():
-                if self.tally.expected is not None and name not in self.tally.expected:
-                    self.tally.unexpected.add(name)
+                if not self.tally.accept(name):
                     continue
                 batch.append((name, tensor.detach().clone()))
-                self.tally.received.add(name)
                 if len(batch) >= LOCAL_BATCH:
                     self.model.load_weights(batch)
                     batch = []

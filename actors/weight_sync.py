@@ -189,6 +189,15 @@ class SyncTally:
     unexpected: set[str] = field(default_factory=set)
     t0: float = field(default_factory=time.perf_counter)
 
+    def accept(self, name: str) -> bool:
+        """Count a tensor that arrived; False for a name the engine does not expect (left out:
+        loading it could fail mid-stream)."""
+        if self.expected is not None and name not in self.expected:
+            self.unexpected.add(name)
+            return False
+        self.received.add(name)
+        return True
+
     def report(self) -> dict:
         missing = sorted(self.expected - self.received) if self.expected is not None else []
         return {"received": len(self.received), "missing": missing,
@@ -221,12 +230,9 @@ def receive_buckets(group: WeightGroup | None, info: UpdateInfo,
         offsets, _ = bucket_layout(dtypes, shapes)
         batch = []
         for name, dtype, shape, off in zip(info.names[start:end], dtypes, shapes, offsets):
-            if tally.expected is not None and name not in tally.expected:
-                tally.unexpected.add(name)
-                continue
-            raw = buffer[off:off + _nbytes(dtype, shape)]
-            batch.append((name, raw.view(getattr(torch, dtype)).view(shape)))
-            tally.received.add(name)
+            if tally.accept(name):
+                raw = buffer[off:off + _nbytes(dtype, shape)]
+                batch.append((name, raw.view(getattr(torch, dtype)).view(shape)))
         yield batch
 
 
