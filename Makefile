@@ -29,9 +29,16 @@ demo: $(STAMP)
 	$(VENV)/bin/rayalign train configs/grpo-tiny.yaml run_dir=$(DEMO)/grpo
 	$(VENV)/bin/rayalign pipeline configs/rlhf-tiny.yaml run_dir=$(DEMO)/rlhf
 
-# Unit and end-to-end tests (CI runs this target).
+# Unit and end-to-end tests (CI runs this target): two pytest workers, each taking whole test
+# files (a module's shared Ray and fixtures stay in one process), then the `serial` tests
+# alone. Both parts always run; the target fails if either does.
 test: $(STAMP)
-	$(PY) -m pytest tests -m "unit or e2e" --durations=40 $(PYTEST_ARGS)
+	status=0; \
+	$(PY) -m pytest tests -m "(unit or e2e) and not serial" -n 2 --dist loadfile \
+		--durations=40 $(PYTEST_ARGS) || status=$$?; \
+	$(PY) -m pytest tests -m "(unit or e2e) and serial" --durations=10 $(PYTEST_ARGS) \
+		|| status=$$?; \
+	exit $$status
 
 # Unit tests plus one short end-to-end run (SFT under ZeRO-3, stopped and resumed): a few minutes.
 test-fast: $(STAMP)

@@ -139,7 +139,7 @@ def run_rollout(args, model_dir: Path, prompts: list[list[int]]) -> dict:
                 "max_new_tokens": args.max_new_tokens}
     if args.ignore_eos:
         sampling["ignore_eos"] = True
-    ray.init(num_cpus=CORES, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=CORES, include_dashboard=False, logging_level=logging.WARNING)
     try:
         t0 = time.perf_counter()
         group = ActorGroup("rollout", engine_class(cfg),

@@ -319,7 +319,7 @@ def run(args) -> dict:
     log.info("plain copy: flat %.2f GB/s, per parameter %.2f GB/s", copy["flat_gbps"],
              copy["per_param_gbps"])
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
     res: dict = {"copy": copy, "load_start": os.getloadavg()}
     try:
         settings = RolloutSettings(str(model_dir), max_model_len=MAX_MODEL_LEN,

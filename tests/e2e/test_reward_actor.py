@@ -29,7 +29,7 @@ def synthetic_or_boom(prompt, response):
 @pytest.fixture(scope="module")
 def group():
     # 2 CPUs for this group, 1 for the HTTP scorer of the endpoint tests
-    ray.init(num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level=logging.WARNING)
     settings = RewardSettings("function", function=FUNCTION, cpus=1)
     pg = place(RoleRequest("reward", 2, settings.cpus, settings.gpus), timeout_s=30)
     group = ActorGroup("reward", RewardScorer, pg, 2, settings.cpus, settings.gpus,

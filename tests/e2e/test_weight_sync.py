@@ -85,7 +85,7 @@ def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
 @pytest.fixture(scope="module")
 def roles(tmp_path_factory):
     model = str(build_model(tmp_path_factory.mktemp("sync") / "model", "tiny", seed=0))
-    ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     # the trainer stand-in lives here, and Ray workers cannot import test modules by name
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     settings = RolloutSettings(model, max_model_len=MAX_LEN, kv_cache_gib=0.25, seed=0)
