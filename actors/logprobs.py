@@ -110,11 +110,11 @@ def unwrap(model) -> torch.nn.Module:
 @contextmanager
 def head_on_positions(model, keep: torch.Tensor):
     """Feed only the ``keep`` positions (flat over rows*W) to the model's LM head, and to the
-    last block's MLP (see :func:`last_mlp_on_positions`)."""
+    last block's per-position parts (see :func:`last_block_on_positions`)."""
     inner = unwrap(model)
     handle = inner.get_output_embeddings().register_forward_pre_hook(_picker(keep))
     try:
-        with last_mlp_on_positions(inner, keep):
+        with last_block_on_positions(inner, keep):
             yield
     finally:
         handle.remove()
@@ -131,42 +131,61 @@ def _picker(keep: torch.Tensor, shape: dict | None = None):
     return pick
 
 
-def last_mlp(model) -> torch.nn.Module | None:
-    """The MLP of the model's last transformer block, where the block list is one of the
-    layouts transformers' dense causal LMs use (``layers`` or ``h`` on the base model)."""
+def last_block(model) -> torch.nn.Module | None:
+    """The model's last transformer block, where the block list is one of the layouts
+    transformers' dense causal LMs use (``layers`` or ``h`` on the base model)."""
     base = getattr(model, "base_model", model)
     for name in ("layers", "h"):
         blocks = getattr(base, name, None)
         if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
-            mlp = getattr(blocks[-1], "mlp", None)
-            return mlp if isinstance(mlp, torch.nn.Module) else None
+            return blocks[-1]
     return None
 
 
+def last_block_parts(model) -> list[torch.nn.Module]:
+    """The modules of the last block whose output at a position is read at that position
+    alone: the attention's query projection (``q_proj``; GPT-NeoX fuses it with keys and
+    values, so not there), its output projection (``o_proj``, GPT-NeoX's ``dense``) and the
+    MLP. Keys and values are not among them: every later position reads them."""
+    block = last_block(model)
+    if block is None:
+        return []
+    attn = next((m for m in (getattr(block, n, None) for n in ("self_attn", "attention"))
+                 if isinstance(m, torch.nn.Module)), None)
+    names = [(attn, "q_proj"), (attn, "o_proj"), (attn, "dense"), (block, "mlp")]
+    return [m for m in (getattr(owner, n, None) for owner, n in names if owner is not None)
+            if isinstance(m, torch.nn.Module)]
+
+
 @contextmanager
-def last_mlp_on_positions(model, keep: torch.Tensor):
-    """Run the last block's MLP on the ``keep`` positions only; the others get zeros.
+def last_block_on_positions(model, keep: torch.Tensor):
+    """Run the last block's per-position parts (:func:`last_block_parts`) on the ``keep``
+    positions only; the others get zeros.
 
     Past the last block a position's hidden state feeds nothing but the head, and the head
-    reads ``keep`` alone; attention is the only place where positions meet, and the last
-    MLP comes after it. So the other positions' MLP output is never read, and for a reward
-    model (one position per sequence) or a prompt-heavy batch most of that MLP's work goes.
-    The MLP is applied to each position on its own in every dense family, which is what makes
-    this exact. Left off under gradient checkpointing, whose recompute runs without hooks.
+    reads ``keep`` alone. Inside the last block positions meet only in attention, where a
+    position's query and attention output serve that position alone; so at the other
+    positions the query, the output projection and the MLP make values nothing reads. For a
+    reward model (one position per sequence) or a prompt-heavy batch most of that work goes;
+    keys and values are still made everywhere. Exact (each part applies to each position on
+    its own in every dense family); left off under gradient checkpointing, whose recompute
+    runs without hooks.
     """
-    mlp = last_mlp(model)
-    if mlp is None or getattr(model, "is_gradient_checkpointing", False):
+    parts = last_block_parts(model)
+    if not parts or getattr(model, "is_gradient_checkpointing", False):
         yield
         return
-    shape = {}
+    handles = []
+    for part in parts:
+        shape = {}
 
-    def scatter(_module, _args, out):
-        rows = shape["in"][:-1].numel()
-        full = out.new_zeros(rows, out.shape[-1]).index_copy(0, keep, out[0])
-        return full.reshape(*shape["in"][:-1], out.shape[-1])
+        def scatter(_module, _args, out, shape=shape):
+            rows = shape["in"][:-1].numel()
+            full = out.new_zeros(rows, out.shape[-1]).index_copy(0, keep, out[0])
+            return full.reshape(*shape["in"][:-1], out.shape[-1])
 
-    handles = [mlp.register_forward_pre_hook(_picker(keep, shape)),
-               mlp.register_forward_hook(scatter)]
+        handles += [part.register_forward_pre_hook(_picker(keep, shape)),
+                    part.register_forward_hook(scatter)]
     try:
         yield
     finally:
@@ -217,7 +236,7 @@ def sequence_scores(model, inputs: ModelInputs) -> torch.Tensor:
     """A one-output sequence classifier's score at each sequence's last token (a reward
     model's reward), in sequence order. The model's own pooling (the last non-pad token of a
     row) cannot read packed rows, so the score head's output is read at ``inputs.last``; the
-    last block's MLP runs on those positions alone."""
+    last block's per-position parts run on those positions alone."""
     inner = unwrap(model)
     head = getattr(inner, "score", None)
     if head is None:
@@ -228,7 +247,7 @@ def sequence_scores(model, inputs: ModelInputs) -> torch.Tensor:
     last = inputs.last.to(kwargs["input_ids"].device)
     handle = head.register_forward_hook(lambda _module, _args, out: seen.append(out))
     try:
-        with last_mlp_on_positions(inner, last):
+        with last_block_on_positions(inner, last):
             model(**kwargs)
     finally:
         handle.remove()
