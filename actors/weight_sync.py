@@ -14,7 +14,9 @@ and hosts the store; engine ``e``'s worker ``w`` is rank ``1 + e * tp + w``). It
 torch's default process group, which the trainer keeps for DeepSpeed. Parameters travel in
 buckets: several tensors are laid out byte by byte (64-byte aligned) in one flat buffer, one
 broadcast per bucket. Names, dtypes, shapes and the bucket plan travel as the metadata of
-vLLM's ``update_weights`` call, so both sides agree on the layout before any byte moves.
+vLLM's ``update_weights`` call, so both sides agree on the layout before any byte moves. When
+every engine runs on the trainer's node the buckets go through shared memory instead and gloo
+carries only the signals (actors/weight_shm.py); the group decides that when it opens.
 
 The receiver checks completeness: every tensor of the checkpoint the engine started from must
 arrive in each sync. A skipped parameter would otherwise go unnoticed (vLLM keeps a layer's
@@ -34,6 +36,8 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from actors.weight_shm import Receiving, ShmChannel, agree
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +67,34 @@ class WeightGroup:
     world_size: int
 
     buffers: list = field(default_factory=list)  # the sender's two reusable bucket buffers
+    shm: ShmChannel | None = None  # the bytes go through shared memory (actors/weight_shm.py)
+
+    @property
+    def transport(self) -> str:
+        return "shm" if self.shm is not None else "gloo"
+
+    def begin(self) -> None:
+        """Called by every member at the start of each sync."""
+        if self.shm is not None:
+            self.shm.begin()
 
     def broadcast(self, buffer: torch.Tensor, wait: bool = True):
-        """Broadcast from rank 0; with ``wait=False`` returns the work handle to wait on later."""
-        work = self.pg.broadcast([buffer], dist.BroadcastOptions())
+        """Broadcast from rank 0; with ``wait=False`` returns the work handle to wait on later
+        (on a receiver, over shared memory, the bytes arrive in that ``wait()``)."""
+        if self.shm is not None:
+            work = self.shm.send(buffer) if self.rank == 0 else Receiving(self.shm, buffer)
+        else:
+            work = self.pg.broadcast([buffer], dist.BroadcastOptions())
         if not wait:
             return work
         work.wait()
         return None
 
     def send_buffer(self, k: int, size: int) -> torch.Tensor:
-        """Buffer k % 2, grown to ``size`` bytes if needed (reused across buckets and syncs)."""
+        """Where bucket k is packed: the next shared-memory slot where it fits in one, else
+        buffer k % 2, grown to ``size`` bytes if needed (reused across buckets and syncs)."""
+        if self.shm is not None and size <= self.shm.slots.size:
+            return self.shm.next_slot()[:size]
         while len(self.buffers) < 2:
             self.buffers.append(torch.empty(0, dtype=torch.uint8))
         if self.buffers[k % 2].numel() < size:
@@ -82,8 +103,10 @@ class WeightGroup:
 
 
 def open_group(master_address: str, master_port: int, rank: int, world_size: int,
-               timeout_s: float = 300.0) -> WeightGroup:
-    """Join the trainer<->engines group; rank 0 hosts the TCP store. All ranks call it at once."""
+               timeout_s: float = 300.0, shared_memory: bool = True) -> WeightGroup:
+    """Join the trainer<->engines group; rank 0 hosts the TCP store. All ranks call it at once.
+    The bytes go through shared memory when every member can map the trainer's (and rank 0's
+    ``shared_memory`` allows it; see actors/weight_shm.py), otherwise over gloo."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0,
                           timeout=timeout, wait_for_workers=False)
@@ -93,7 +116,9 @@ def open_group(master_address: str, master_port: int, rank: int, world_size: int
     opts._devices = [dist.ProcessGroupGloo.create_device(
         hostname=_own_address(master_address, master_port))]
     pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
-    return WeightGroup(pg, store, rank, world_size)
+    slots = agree(pg, rank, shared_memory)
+    return WeightGroup(pg, store, rank, world_size,
+                       shm=ShmChannel(pg, slots) if slots is not None else None)
 
 
 def _nbytes(dtype_name: str, shape: list[int]) -> int:
@@ -221,6 +246,7 @@ def receive_buckets(group: WeightGroup | None, info: UpdateInfo,
         buffer = torch.empty(size, dtype=torch.uint8)  # fresh: an engine may keep views of it
         return buffer, group.broadcast(buffer, wait=False)
 
+    group.begin()
     pending = post(0) if info.buckets else None
     for k, (start, end) in enumerate(info.buckets):
         buffer, work = pending
@@ -336,6 +362,8 @@ def send_weights(tensors: Iterable[tuple[str, torch.Tensor]], info: UpdateInfo,
     """
     wanted = set(info.names)
     t0, it = time.perf_counter(), ((n, t) for n, t in tensors if n in wanted)
+    if group is not None:
+        group.begin()
     in_flight: list = [None, None]  # bucket k is packed while bucket k-1 is on the wire
     for k, (start, end) in enumerate(info.buckets):
         offsets, size = bucket_layout(info.dtype_names[start:end], info.shapes[start:end])
@@ -362,7 +390,8 @@ def send_weights(tensors: Iterable[tuple[str, torch.Tensor]], info: UpdateInfo,
             work.wait()
     seconds = time.perf_counter() - t0
     return {"tensors": len(info.names), "buckets": len(info.buckets),
-            "bytes": info.total_bytes, "seconds": seconds}
+            "bytes": info.total_bytes, "seconds": seconds,
+            "transport": group.transport if group is not None else None}
 
 
 class WeightSender:
@@ -388,14 +417,17 @@ class WeightSender:
 
     def open_weight_sync(self, master_address: str, master_port: int, world_size: int,
                          timeout_s: float = 300.0, backend: str = BACKEND,
-                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
-        """Join the trainer<->engines group over ``backend``: ``rayalign_gloo`` (CPU) or
+                         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                         shared_memory: bool = True) -> None:
+        """Join the trainer<->engines group over ``backend``: ``rayalign_gloo`` (CPU; the bytes
+        through shared memory where every engine can map it and ``shared_memory`` allows) or
         ``nccl`` (GPU, vLLM's engine; ``bucket_bytes`` is then fixed for the group's life)."""
         self.weight_backend, self.weight_bucket_bytes = backend, bucket_bytes
         if self.rank != 0:
             return
         if backend == BACKEND:
-            self.weight_group = open_group(master_address, master_port, 0, world_size, timeout_s)
+            self.weight_group = open_group(master_address, master_port, 0, world_size, timeout_s,
+                                           shared_memory)
         else:
             from actors import weight_sync_nccl
             self.weight_group = weight_sync_nccl.open_sender(master_address, master_port,
@@ -417,6 +449,7 @@ class WeightSender:
                 stats = weight_sync_nccl.send(params, info, group, self.weight_bucket_bytes, own)
                 stats["bytes"] = UpdateInfo(**info).total_bytes
         if self.rank == 0:
-            log.info("sent %d tensors (%.1f MB) in %d buckets in %.2fs", stats["tensors"],
-                     stats["bytes"] / 1e6, stats["buckets"], stats["seconds"])
+            log.info("sent %d tensors (%.1f MB) in %d buckets in %.2fs (%s)", stats["tensors"],
+                     stats["bytes"] / 1e6, stats["buckets"], stats["seconds"],
+                     stats.get("transport") or self.weight_backend)
         return stats

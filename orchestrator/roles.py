@@ -427,7 +427,8 @@ class RLRoles(RoleSet):
             return
         cfg = self.cfg
         connect_sync(self.policy, engines, cfg.weight_sync.timeout_s,
-                     backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes)
+                     backend_for(cfg.rollout.gpus), cfg.weight_sync.bucket_bytes,
+                     cfg.weight_sync.shared_memory)
 
     def replace(self, name: str, failure=None) -> ActorGroup:
         """Kill role ``name``'s replicas (a dead or hung one among them) and start new ones in

@@ -19,10 +19,11 @@ def backend_for(rollout_gpus: float) -> str:
 
 
 def connect(trainers, engines, timeout_s: float = 300.0, backend: str = "rayalign_gloo",
-            bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+            bucket_bytes: int = DEFAULT_BUCKET_BYTES, shared_memory: bool = True) -> None:
     """Build the trainer<->engines group: trainers and engines are ActorGroups (or lists of
     actor handles) whose classes mix in :class:`WeightSender` / are ``RolloutEngine``; the
-    engines must have been built for ``backend``."""
+    engines must have been built for ``backend``. With ``shared_memory`` the bytes go through
+    shared memory when every engine can map the trainer's (all on its node)."""
     t_actors = getattr(trainers, "actors", trainers)
     e_actors = getattr(engines, "actors", engines)
     tp = ray.get([e.workers.remote() for e in e_actors])
@@ -31,8 +32,8 @@ def connect(trainers, engines, timeout_s: float = 300.0, backend: str = "rayalig
     offsets = [1 + sum(tp[:i]) for i in range(len(e_actors))]
     refs = [e.init_weight_sync.remote(addr, port, off, world_size, timeout_s, bucket_bytes)
             for e, off in zip(e_actors, offsets)]
-    refs += [t.open_weight_sync.remote(addr, port, world_size, timeout_s, backend, bucket_bytes)
-             for t in t_actors]
+    refs += [t.open_weight_sync.remote(addr, port, world_size, timeout_s, backend, bucket_bytes,
+                                       shared_memory) for t in t_actors]
     ray.get(refs)
     log.info("weight sync group up (%s): 1 trainer sender, %d engine workers", backend,
              world_size - 1)

@@ -122,8 +122,9 @@ def test_engine_that_cannot_load_names_its_rank_and_path(tmp_path):
         HFRolloutEngine(2, 3, RolloutSettings(str(tmp_path / "nowhere"), backend="hf"))
 
 
-def _sync(engine, module, exclude=()):
-    """Send ``module``'s parameters to ``engine`` over a fresh two-rank gloo group."""
+def _sync(engine, module, exclude=(), shared_memory=True):
+    """Send ``module``'s parameters to ``engine`` over a fresh two-rank group (the bytes
+    through shared memory, or with ``shared_memory=False`` over the gloo socket)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -131,7 +132,7 @@ def _sync(engine, module, exclude=()):
     sender: dict = {}
 
     def trainer():
-        group = open_group("127.0.0.1", port, 0, 2, timeout_s=30)
+        group = open_group("127.0.0.1", port, 0, 2, timeout_s=30, shared_memory=shared_memory)
         sender["stats"] = send_weights(module.named_parameters(), info, group)
 
     thread = threading.Thread(target=trainer)
@@ -141,9 +142,12 @@ def _sync(engine, module, exclude=()):
         return engine.update_weights(info.payload())
     finally:
         thread.join(timeout=60)
+        assert sender.get("stats", {}).get("transport") in (None, "shm" if shared_memory
+                                                            else "gloo"), sender
 
 
-def test_weights_sent_over_gloo_reach_the_engine_and_a_skipped_one_is_named(model_dir):
+@pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "gloo"])
+def test_weights_sent_reach_the_engine_and_a_skipped_one_is_named(model_dir, shared_memory):
     from transformers import AutoModelForCausalLM
     engine = HFRolloutEngine(0, 1, RolloutSettings(model_dir, max_model_len=64, backend="hf"))
     trained = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -156,14 +160,14 @@ def test_weights_sent_over_gloo_reach_the_engine_and_a_skipped_one_is_named(mode
     stale = engine.logprobs(seqs)
     assert max(abs(a - b) for x, y in zip(want, stale) for a, b in zip(x, y)) > 1e-2
 
-    report = _sync(engine, trained)
+    report = _sync(engine, trained, shared_memory=shared_memory)
     assert report["received"] == len(dict(trained.named_parameters()))
     synced = engine.logprobs(seqs)
     assert max(abs(a - b) for x, y in zip(want, synced) for a, b in zip(x, y)) < 1e-4
 
     # leave out one layer's MLP: the engine names what it did not get
     with pytest.raises(WeightSyncError, match=r"missing: model\.layers\.1\.mlp"):
-        _sync(engine, trained, exclude=("model.layers.1.mlp.",))
+        _sync(engine, trained, exclude=("model.layers.1.mlp.",), shared_memory=shared_memory)
 
 
 @pytest.mark.parametrize("overrides, key", [

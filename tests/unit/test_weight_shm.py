@@ -1,0 +1,114 @@
+"""Weight sync through shared memory (actors/weight_shm.py): a trainer and two engines of one
+group on this machine agree on it, buckets larger than a slot go through in chunks, syncs
+repeat on the same slots, nothing is left in /dev/shm, and a group where one member cannot
+map the file, or whose trainer turns it off, carries the bytes over gloo with the same result."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+
+from actors import weight_shm
+from actors.weight_sync import (SyncTally, UpdateInfo, _nbytes, open_group, plan_buckets,
+                                receive_buckets, send_weights)
+
+pytestmark = pytest.mark.unit
+
+SHAPES = [[300, 40], [7], [2000, 3], [64, 64], [5, 5, 5]]   # the third exceeds a slot
+
+
+def _info(tensors: dict, bucket_bytes: int) -> UpdateInfo:
+    names = list(tensors)
+    dtypes = [str(t.dtype).removeprefix("torch.") for t in tensors.values()]
+    shapes = [list(t.shape) for t in tensors.values()]
+    sizes = [_nbytes(d, s) for d, s in zip(dtypes, shapes)]
+    return UpdateInfo(names, dtypes, shapes, plan_buckets(sizes, bucket_bytes))
+
+
+def _run_group(syncs: list[dict], shared_memory: bool, receivers: int = 2):
+    """Open a 1 + ``receivers`` group in threads and run each sync of ``syncs``; returns the
+    group transports by rank and what each receiver got, sync by sync."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    transports, got, errors = {}, {r: [] for r in range(1, receivers + 1)}, []
+    world = receivers + 1
+
+    def member(rank: int):
+        try:
+            group = open_group("127.0.0.1", port, rank, world, timeout_s=30,
+                               shared_memory=shared_memory)
+            transports[rank] = group.transport
+            for tensors in syncs:
+                info = _info(tensors, bucket_bytes=8 << 10)
+                if rank == 0:
+                    stats = send_weights(iter(tensors.items()), info, group)
+                    assert stats["transport"] == group.transport
+                else:
+                    received = {}
+                    for batch in receive_buckets(group, info, SyncTally(None)):
+                        received.update({n: t.clone() for n, t in batch})
+                    got[rank].append(received)
+        except Exception as exc:  # noqa: BLE001  (reported by the test)
+            errors.append((rank, exc))
+
+    threads = [threading.Thread(target=member, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors
+    return transports, got
+
+
+def _syncs(n: int) -> list[dict]:
+    torch.manual_seed(0)
+    return [{f"p{i}": torch.randn(shape) for i, shape in enumerate(SHAPES)} for _ in range(n)]
+
+
+def _leftovers() -> set:
+    return {p.name for p in weight_shm.SHM_DIR.glob("rayalign-weights-*")}
+
+
+@pytest.fixture
+def small_slots(monkeypatch):
+    monkeypatch.setattr(weight_shm, "SLOT_BYTES", 4 << 10)  # 4 KiB: buckets of 8 KiB and more
+    before = _leftovers()
+    yield
+    assert _leftovers() == before  # unlinked as soon as every member had it mapped
+
+
+@pytest.mark.skipif(not weight_shm.SHM_DIR.is_dir(), reason="no /dev/shm here")
+def test_buckets_go_through_shared_memory_in_chunks_sync_after_sync(small_slots):
+    syncs = _syncs(3)
+    transports, got = _run_group(syncs, shared_memory=True)
+    assert transports == {0: "shm", 1: "shm", 2: "shm"}
+    for rank, received in got.items():
+        assert len(received) == 3
+        for sent, arrived in zip(syncs, received):
+            assert arrived.keys() == sent.keys()
+            for name in sent:
+                assert torch.equal(arrived[name], sent[name]), (rank, name)
+
+
+@pytest.mark.parametrize("why", ["turned off", "a member cannot map it"])
+def test_the_group_falls_back_to_gloo_together(small_slots, monkeypatch, why):
+    if why == "turned off":
+        shared = False
+    else:
+        shared, calls, real = True, [], weight_shm._map
+
+        def flaky(path, nbytes):  # rank 0 maps first, then the receivers; the second fails
+            calls.append(path)
+            if len(calls) == 2:
+                raise OSError("no such file (another node)")
+            return real(path, nbytes)
+        monkeypatch.setattr(weight_shm, "_map", flaky)
+    syncs = _syncs(2)
+    transports, got = _run_group(syncs, shared_memory=shared)
+    assert transports == {0: "gloo", 1: "gloo", 2: "gloo"}
+    for received in got.values():
+        for sent, arrived in zip(syncs, received):
+            assert all(torch.equal(arrived[n], sent[n]) for n in sent)
