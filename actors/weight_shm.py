@@ -1,19 +1,21 @@
 """Shared memory for weight sync between the processes of one node.
 
-When every engine of a trainer<->engines group runs on the trainer's node, the bytes need not
-cross a socket: the group maps one file in ``/dev/shm`` holding two slots, the trainer copies
+When engines of a trainer<->engines group run on the trainer's node, their bytes need not
+cross a socket: the group maps one file in ``/dev/shm`` holding two slots, the trainer packs
 each chunk of a bucket into a slot, and gloo carries only a chunk header (its number) and the
-receivers' acknowledgement that the slot may be written again. A bucket larger than a slot
-goes through in several chunks. The slots are fixed at the group's start, so nothing is
-resized or mapped again during a sync.
+members' acknowledgement that the slot may be written again. A bucket larger than a slot goes
+through in several chunks. The slots are fixed at the group's start, so nothing is resized or
+mapped again during a sync.
 
-Whether a group uses them is decided by all its members together when the group opens
-(:func:`agree`): the trainer creates the file with a random token in it and broadcasts the
-token; each member maps the file and checks the token (a member on another node, or in a
-container with its own ``/dev/shm``, cannot); if any member fails, or the trainer's config
-turns shared memory off (``weight_sync.shared_memory: false``), the whole group uses gloo for
-the bytes as before. The file is unlinked as soon as every member has mapped it, so a killed
-process leaves nothing behind in ``/dev/shm``.
+Which member reads shared memory is decided when the group opens (:func:`agree`): the trainer
+creates the file with a random token in it and broadcasts the token; each member maps the file
+and checks the token. A member that cannot (on another node, or in a container with its own
+``/dev/shm``) gets every chunk from the trainer over the group's socket instead (a point-to-
+point send next to the slot), in the same chunk sequence, so one group serves both kinds of
+engine. If the trainer's config turns shared memory off (``weight_sync.shared_memory:
+false``), or no engine can map the file, the group broadcasts the buckets over gloo as before.
+The file is unlinked as soon as every member has tried to map it, so a killed process leaves
+nothing behind in ``/dev/shm``.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ SLOT_BYTES = 16 << 20
 
 
 class Slots:
-    """Two slots of ``size`` bytes in one shared mapping (``data``)."""
+    """Two slots of ``size`` bytes in one shared mapping (``data``; None on a member that
+    could not map it)."""
 
     def __init__(self, data: torch.Tensor, size: int):
         self.data, self.size = data, size
@@ -54,11 +57,11 @@ def _stamp(token: int) -> torch.Tensor:
     return torch.tensor([token], dtype=torch.int64).view(torch.uint8)
 
 
-def agree(pg, rank: int, wanted: bool, slot_bytes: int | None = None) -> Slots | None:
-    """Decide with every member of the freshly opened group ``pg`` whether the weights travel
-    through shared memory; all members call this at once. Returns the mapped slots, or None
-    where the group keeps gloo for the bytes. ``wanted`` and ``slot_bytes`` (default
-    :data:`SLOT_BYTES`) matter on rank 0 (the trainer), which tells the others."""
+def agree(pg, rank: int, wanted: bool, slot_bytes: int | None = None) -> ShmChannel | None:
+    """Decide with every member of the freshly opened group ``pg`` how the weights travel; all
+    members call this at once. Returns this member's side of the shared-memory chunk protocol,
+    or None where the group broadcasts the bytes over gloo. ``wanted`` and ``slot_bytes``
+    (default :data:`SLOT_BYTES`) matter on rank 0 (the trainer), which tells the others."""
     slot_bytes = slot_bytes or SLOT_BYTES
     data, path = None, None
     head = torch.zeros(2, dtype=torch.int64)  # [token, slot bytes]; token 0: no shared memory
@@ -84,13 +87,18 @@ def agree(pg, rank: int, wanted: bool, slot_bytes: int | None = None) -> Slots |
                 data = None
         except (OSError, RuntimeError):  # another node, or a /dev/shm of its own
             data = None
-    vote = torch.tensor([1 if data is not None else 0], dtype=torch.int32)
-    opts = dist.AllreduceOptions()
-    opts.reduceOp = dist.ReduceOp.MIN
-    pg.allreduce([vote], opts).wait()
+    votes = [torch.zeros(1, dtype=torch.int32) for _ in range(pg.size())]
+    pg.allgather([votes], [torch.tensor([1 if data is not None else 0], dtype=torch.int32)]).wait()
     if path is not None:
         path.unlink(missing_ok=True)  # every member has mapped it (or given up) by now
-    return Slots(data, size) if int(vote) == 1 else None
+    mapped = [r for r, v in enumerate(votes) if int(v) and r != 0]
+    remote = [r for r, v in enumerate(votes) if not int(v)]
+    if not token or not mapped:
+        return None
+    if rank == 0:
+        log.info("weight sync: ranks %s read shared memory%s", mapped,
+                 f", ranks {remote} the socket" if remote else "")
+    return ShmChannel(pg, Slots(data, size), remote)
 
 
 class _Done:
@@ -110,8 +118,8 @@ class ShmChannel:
     all members then all-reduce an acknowledgement, after which the slot may be written
     again. Chunks are numbered from 0 in each sync (:meth:`begin`)."""
 
-    def __init__(self, pg, slots: Slots):
-        self.pg, self.slots = pg, slots
+    def __init__(self, pg, slots: Slots, remote: list[int]):
+        self.pg, self.slots, self.remote = pg, slots, remote  # remote: ranks served by socket
         self.chunk = 0
         # (work, tensor) of the last two chunks' acknowledgements, and of the sender's headers
         # (the tensors live until their work is done)
@@ -129,6 +137,9 @@ class ShmChannel:
         for pending in self.acks + self.headers:
             if pending is not None:
                 pending[0].wait()
+        for pending in self.headers:
+            for send in (pending[2] if pending is not None else ()):
+                send.wait()
         self.chunk, self.acks, self.headers = 0, [None, None], [None, None]
 
     def _ack(self, j: int) -> None:
@@ -155,7 +166,10 @@ class ShmChannel:
             if part.data_ptr() != slot.data_ptr():  # not packed in place
                 slot[:part.numel()].copy_(part)
             header = torch.tensor([j], dtype=torch.int64)
-            self.headers[j % 2] = (self.pg.broadcast([header], dist.BroadcastOptions()), header)
+            # the header's and the sends' tensors live until the chunk's acknowledgement
+            self.headers[j % 2] = (self.pg.broadcast([header], dist.BroadcastOptions()), header,
+                                   [self.pg.send([slot[:part.numel()]], r, j)
+                                    for r in self.remote])
             self._ack(j)
         return _Done(self.acks[(self.chunk - 1) % 2][0])
 
@@ -169,7 +183,10 @@ class ShmChannel:
                 raise RuntimeError(f"weight sync over shared memory: chunk {int(header)} "
                                    f"arrived where chunk {j} was due; the group is out of step")
             part = buffer[off:off + self.slots.size]
-            part.copy_(self.slots.slot(j)[:part.numel()])
+            if self.slots.data is None:  # this member cannot map the slots: the socket
+                self.pg.recv([part], 0, j).wait()
+            else:
+                part.copy_(self.slots.slot(j)[:part.numel()])
             self._ack(j)
 
 

@@ -71,7 +71,13 @@ class WeightGroup:
 
     @property
     def transport(self) -> str:
-        return "shm" if self.shm is not None else "gloo"
+        """How this member's bytes travel: "shm", "gloo", or on the trainer "shm+gloo" (some
+        engines read shared memory, others the socket)."""
+        if self.shm is None:
+            return "gloo"
+        if self.rank == 0:
+            return "shm+gloo" if self.shm.remote else "shm"
+        return "shm" if self.shm.slots.data is not None else "gloo"
 
     def begin(self) -> None:
         """Called by every member at the start of each sync."""
@@ -116,9 +122,7 @@ def open_group(master_address: str, master_port: int, rank: int, world_size: int
     opts._devices = [dist.ProcessGroupGloo.create_device(
         hostname=_own_address(master_address, master_port))]
     pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
-    slots = agree(pg, rank, shared_memory)
-    return WeightGroup(pg, store, rank, world_size,
-                       shm=ShmChannel(pg, slots) if slots is not None else None)
+    return WeightGroup(pg, store, rank, world_size, shm=agree(pg, rank, shared_memory))
 
 
 def _nbytes(dtype_name: str, shape: list[int]) -> int:

@@ -1,7 +1,9 @@
 """Weight sync through shared memory (actors/weight_shm.py): a trainer and two engines of one
 group on this machine agree on it, buckets larger than a slot go through in chunks, syncs
-repeat on the same slots, nothing is left in /dev/shm, and a group where one member cannot
-map the file, or whose trainer turns it off, carries the bytes over gloo with the same result."""
+repeat on the same slots, nothing is left in /dev/shm; an engine that cannot map the file
+gets the same chunks over the socket while the other reads shared memory; a group whose
+trainer turns it off, or where no engine can map it, broadcasts over gloo; every engine ends
+up with the trainer's tensors in each case."""
 from __future__ import annotations
 
 import socket
@@ -93,22 +95,43 @@ def test_buckets_go_through_shared_memory_in_chunks_sync_after_sync(small_slots)
                 assert torch.equal(arrived[name], sent[name]), (rank, name)
 
 
-@pytest.mark.parametrize("why", ["turned off", "a member cannot map it"])
-def test_the_group_falls_back_to_gloo_together(small_slots, monkeypatch, why):
-    if why == "turned off":
-        shared = False
-    else:
-        shared, calls, real = True, [], weight_shm._map
+def _failing_maps(monkeypatch, failing: set[int]):
+    """Make the n-th call of weight_shm._map fail for n in ``failing`` (call 1 is the
+    trainer's own; the receivers map after it, in whatever order their threads run)."""
+    calls, real = [], weight_shm._map
 
-        def flaky(path, nbytes):  # rank 0 maps first, then the receivers; the second fails
-            calls.append(path)
-            if len(calls) == 2:
-                raise OSError("no such file (another node)")
-            return real(path, nbytes)
-        monkeypatch.setattr(weight_shm, "_map", flaky)
-    syncs = _syncs(2)
-    transports, got = _run_group(syncs, shared_memory=shared)
-    assert transports == {0: "gloo", 1: "gloo", 2: "gloo"}
+    def flaky(path, nbytes):
+        calls.append(path)
+        if len(calls) in failing:
+            raise OSError("no such file (another node)")
+        return real(path, nbytes)
+    monkeypatch.setattr(weight_shm, "_map", flaky)
+
+
+def _all_arrived(syncs, got):
     for received in got.values():
+        assert len(received) == len(syncs)
         for sent, arrived in zip(syncs, received):
+            assert arrived.keys() == sent.keys()
             assert all(torch.equal(arrived[n], sent[n]) for n in sent)
+
+
+@pytest.mark.skipif(not weight_shm.SHM_DIR.is_dir(), reason="no /dev/shm here")
+def test_an_engine_that_cannot_map_the_slots_gets_its_chunks_over_the_socket(small_slots,
+                                                                             monkeypatch):
+    _failing_maps(monkeypatch, {2})   # one of the two receivers
+    syncs = _syncs(3)
+    transports, got = _run_group(syncs, shared_memory=True)
+    assert transports[0] == "shm+gloo"
+    assert sorted([transports[1], transports[2]]) == ["gloo", "shm"]
+    _all_arrived(syncs, got)
+
+
+@pytest.mark.parametrize("why", ["turned off", "no engine can map it"])
+def test_the_group_broadcasts_over_gloo(small_slots, monkeypatch, why):
+    if why == "no engine can map it":
+        _failing_maps(monkeypatch, {2, 3})
+    syncs = _syncs(2)
+    transports, got = _run_group(syncs, shared_memory=why != "turned off")
+    assert transports == {0: "gloo", 1: "gloo", 2: "gloo"}
+    _all_arrived(syncs, got)
