@@ -101,17 +101,6 @@ def agree(pg, rank: int, wanted: bool, slot_bytes: int | None = None) -> ShmChan
     return ShmChannel(pg, Slots(data, size), remote)
 
 
-class _Done:
-    """The work of a chunk sequence whose last acknowledgement is ``work`` (or none)."""
-
-    def __init__(self, work=None):
-        self.work = work
-
-    def wait(self) -> None:
-        if self.work is not None:
-            self.work.wait()
-
-
 class ShmChannel:
     """One group member's side of the chunk protocol over ``slots``: per chunk, the sender
     writes the slot and broadcasts the chunk's number; every receiver copies the slot out and
@@ -156,9 +145,9 @@ class ShmChannel:
             self.acks[j % 2][0].wait()
         return self.slots.slot(j)
 
-    def send(self, buffer: torch.Tensor) -> _Done:
+    def send(self, buffer: torch.Tensor):
         """Put ``buffer`` through the slots (trainer side); returns when its last chunk is in
-        a slot, with the work that ends when every receiver has copied it out."""
+        a slot, with the work (its acknowledgement) that ends when every receiver has it."""
         for off in range(0, max(buffer.numel(), 1), self.slots.size):
             j, slot = self.chunk, self.next_slot()
             self.chunk += 1
@@ -171,7 +160,7 @@ class ShmChannel:
                                    [self.pg.send([slot[:part.numel()]], r, j)
                                     for r in self.remote])
             self._ack(j)
-        return _Done(self.acks[(self.chunk - 1) % 2][0])
+        return self.acks[(self.chunk - 1) % 2][0]
 
     def receive(self, buffer: torch.Tensor) -> None:
         """Fill ``buffer`` from the slots (engine side), chunk by chunk."""

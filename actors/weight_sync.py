@@ -14,9 +14,10 @@ and hosts the store; engine ``e``'s worker ``w`` is rank ``1 + e * tp + w``). It
 torch's default process group, which the trainer keeps for DeepSpeed. Parameters travel in
 buckets: several tensors are laid out byte by byte (64-byte aligned) in one flat buffer, one
 broadcast per bucket. Names, dtypes, shapes and the bucket plan travel as the metadata of
-vLLM's ``update_weights`` call, so both sides agree on the layout before any byte moves. When
-every engine runs on the trainer's node the buckets go through shared memory instead and gloo
-carries only the signals (actors/weight_shm.py); the group decides that when it opens.
+vLLM's ``update_weights`` call, so both sides agree on the layout before any byte moves.
+Engines on the trainer's node get the buckets through shared memory instead, with gloo
+carrying only the signals (actors/weight_shm.py); the group decides that per engine when it
+opens.
 
 The receiver checks completeness: every tensor of the checkpoint the engine started from must
 arrive in each sync. A skipped parameter would otherwise go unnoticed (vLLM keeps a layer's
@@ -111,8 +112,9 @@ class WeightGroup:
 def open_group(master_address: str, master_port: int, rank: int, world_size: int,
                timeout_s: float = 300.0, shared_memory: bool = True) -> WeightGroup:
     """Join the trainer<->engines group; rank 0 hosts the TCP store. All ranks call it at once.
-    The bytes go through shared memory when every member can map the trainer's (and rank 0's
-    ``shared_memory`` allows it; see actors/weight_shm.py), otherwise over gloo."""
+    Members that can map the trainer's shared memory get the bytes through it, the others over
+    the socket (see actors/weight_shm.py); rank 0's ``shared_memory=False`` keeps them all on
+    gloo broadcasts."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(master_address, master_port, world_size, is_master=rank == 0,
                           timeout=timeout, wait_for_workers=False)
