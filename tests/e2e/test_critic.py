@@ -1,5 +1,6 @@
 """The critic role on its own: two replicas under ZeRO-2 fit the values of a fixed target with
-the clipped value loss, values refreshed before each update as in PPO."""
+the clipped value loss, values refreshed before each update as in PPO; with full weights, and
+with LoRA adapters (``critic.lora``) beside its fully trained value head."""
 from __future__ import annotations
 
 import random
@@ -21,11 +22,13 @@ def _target(response: list[int]) -> list[float]:
     return [1.0 if response[0] % 2 == 0 else -1.0] * len(response)
 
 
-def test_critic_fits_returns(make_config):
+@pytest.mark.parametrize("lora", [[], ["critic.lora.rank=8", "critic.lora.alpha=16"]],
+                         ids=["full", "lora"])
+def test_critic_fits_returns(make_config, lora):
     cfg = make_config("algorithm=ppo", "reward.function=orchestrator.synthetic:reward",
                       "critic.actors=2", "critic.cpus=1", "critic.zero_stage=2", "critic.lr=1e-3",
                       "rl.prompts_per_step=8", "rl.group_size=2", "train.batch_size=16",
-                      "train.micro_batch_size=8", "rl.value_clip=0.2")
+                      "train.micro_batch_size=8", "rl.value_clip=0.2", *lora)
     rng = random.Random(0)
     seqs = [([rng.randrange(3, 200) for _ in range(rng.randint(3, 9))],
              [rng.randrange(3, 200) for _ in range(rng.randint(2, 7))]) for _ in range(16)]
@@ -47,9 +50,17 @@ def test_critic_fits_returns(make_config):
         a, b = critic.actors
         va, vb = ray.get([a.values.remote(seqs[:4]), b.values.remote(seqs[:4])])
         assert max(abs(x - y) for ra, rb in zip(va, vb) for x, y in zip(ra, rb)) < 1e-6
+
+        def trained_and_all(actor) -> tuple[int, int]:  # runs in the actor (pickled by value)
+            params = list(actor.engine.module.parameters())
+            return (sum(p.numel() for p in params if p.requires_grad),
+                    sum(p.numel() for p in params))
+        trained, total = ray.get(a.__ray_call__.remote(trained_and_all))
     finally:
         stop_group(critic)
         if started:
             ray.shutdown()
     assert ev[0] < 0.05  # a zero-initialised head explains nothing at first
     assert ev[-1] > 0.8, ev
+    # with LoRA only the adapters and the value head train
+    assert (trained < 0.2 * total) if lora else (trained == total), (trained, total)
