@@ -202,9 +202,9 @@ class WeightSyncConfig:
     timeout_s: float = param(300.0, "how long a member of the trainer<->engines group waits "
                                     "for the others", gt=0)
     every: int = param(1, "sync the engines after every N optimizer steps", ge=1)
-    shared_memory: bool = param(True, "CPU engines all on the trainer's node read the weights "
-                                      "from shared memory (/dev/shm) instead of a gloo "
-                                      "socket; false: always the socket")
+    shared_memory: bool = param(True, "CPU engines on the trainer's node read the weights "
+                                      "from shared memory (/dev/shm), the others get them over "
+                                      "the gloo socket; false: the socket for all")
 
     @property
     def bucket_bytes(self) -> int:

@@ -23,7 +23,7 @@ def connect(trainers, engines, timeout_s: float = 300.0, backend: str = "rayalig
     """Build the trainer<->engines group: trainers and engines are ActorGroups (or lists of
     actor handles) whose classes mix in :class:`WeightSender` / are ``RolloutEngine``; the
     engines must have been built for ``backend``. With ``shared_memory`` the bytes go through
-    shared memory when every engine can map the trainer's (all on its node)."""
+    shared memory to every engine that can map the trainer's (those on its node)."""
     t_actors = getattr(trainers, "actors", trainers)
     e_actors = getattr(engines, "actors", engines)
     tp = ray.get([e.workers.remote() for e in e_actors])

@@ -142,8 +142,7 @@ def _sync(engine, module, exclude=(), shared_memory=True):
         return engine.update_weights(info.payload())
     finally:
         thread.join(timeout=60)
-        assert sender.get("stats", {}).get("transport") in (None, "shm" if shared_memory
-                                                            else "gloo"), sender
+        assert sender["stats"]["transport"] == ("shm" if shared_memory else "gloo"), sender
 
 
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shm", "gloo"])
