@@ -201,7 +201,7 @@ class DeepSpeedActor(Measured):
             state = lora.trained_state(module, self.role_cfg.zero_stage == 3, self.rank)
             if self.rank == 0:
                 module.save_pretrained(str(adapter_dir), state_dict=state,
-                                       safe_serialization=True)
+                                       safe_serialization=True, save_embedding_layers=False)
             dirs = [adapter_dir]
             if self.role_cfg.lora.save_merged:
                 self._save_plain(lora.plain_model(module), out_dir)

@@ -8,10 +8,13 @@ plain model's view of the weights:
   adapters' update (``W + B @ A * alpha / r``) under the layer's own name, so engines and
   later stages load a plain Hugging Face model and never see an adapter;
 * the reference can be the same module with its adapters switched off (``reference.from:
-  policy_base``), which is exactly the starting policy, so no second copy is held.
+  policy_base``), which is exactly the starting policy, so no second copy is held;
+* where the output head is the input embedding table (tied), adapters on the table change the
+  head too (:func:`tie_head_to_embedding`), as the merged table does.
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
@@ -24,18 +27,70 @@ HEADS = {"causal": None, "classifier": ["score", "classifier"]}
 
 def apply_lora(model: torch.nn.Module, lora_cfg, kind: str = "causal") -> torch.nn.Module:
     """``model`` wrapped by peft with the adapters of ``lora_cfg`` (a LoraConfig section);
-    ``kind``: "causal" (an LM, whose output head is never adapted) or "classifier" (a
-    reward or value model, whose ``score`` head trains in full)."""
+    ``kind``: "causal" (an LM; a tied output head follows its table's adapters) or
+    "classifier" (a reward or value model, whose ``score`` head trains in full)."""
     from peft import LoraConfig, get_peft_model
-    targets = lora_cfg.target_modules
     config = LoraConfig(
         r=lora_cfg.rank, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        target_modules=_targets(model, list(lora_cfg.target_modules), HEADS[kind]),
         modules_to_save=HEADS[kind], exclude_modules=HEADS[kind])
-    model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft warns that adapters on a tied table leave the head as it is: handled below
+        warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
+        model = get_peft_model(model, config)
+    tie_head_to_embedding(model)
     if getattr(model, "is_gradient_checkpointing", False):
         model.enable_input_require_grads()  # the frozen embeddings' output must carry grads
     return model
+
+
+def _targets(model: torch.nn.Module, names: list[str], heads: list[str] | None):
+    """peft's ``target_modules`` for ``names``: "all-linear" alone as peft takes it; beside
+    other names (``[all-linear, embed_tokens]``), spelled out as the name of every linear
+    layer but the output head and the classifier heads."""
+    if "all-linear" not in names:
+        return names
+    if names == ["all-linear"]:
+        return "all-linear"
+    head = model.get_output_embeddings()
+    skip = set(heads or ())
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and m is not head}
+    return sorted((linear - skip) | (set(names) - {"all-linear"}))
+
+
+def tie_head_to_embedding(model: torch.nn.Module) -> None:
+    """Where the output head is the input embedding table (tied embeddings) and the table has
+    adapters, the head computes with the adapted table too: its logits gain ``h @ B @ A *
+    scale``, the head-side product of the embedding adapter's update ``(B @ A)^T * scale``
+    (peft adapts the input lookup alone). The model that trains is then the one a merged copy
+    of the table (weight sync, checkpoints) describes. Under ZeRO-3 the head gathers the
+    adapters as its own (DeepSpeed's external parameters)."""
+    plain = plain_model(model)
+    table, head = plain.get_input_embeddings(), plain.get_output_embeddings()
+    if not (_adapted(table) and getattr(table, "lora_embedding_A", None) and head is not None
+            and head.weight is table.base_layer.weight):
+        return
+
+    def adapted_head(_module, args, logits):
+        if table.disable_adapters or table.merged:
+            return logits     # off (the reference), or already inside the shared table
+        hidden = args[0]
+        for name in table.active_adapters:
+            if name in table.lora_embedding_A:
+                a, b = table.lora_embedding_A[name], table.lora_embedding_B[name]
+                logits = logits + (hidden.to(b.dtype) @ b @ a * table.scaling[name]).to(
+                    logits.dtype)
+        return logits
+
+    head.register_forward_hook(adapted_head)
+    try:
+        from deepspeed.zero import register_external_parameter
+    except ImportError:
+        return
+    for params in (table.lora_embedding_A, table.lora_embedding_B):
+        for param in params.values():
+            register_external_parameter(head, param)
 
 
 def is_lora(module: torch.nn.Module) -> bool:
@@ -154,5 +209,7 @@ def trained_state(module: torch.nn.Module, zero3: bool, rank: int) -> dict | Non
     from peft import get_peft_model_state_dict
     params = [p for p in module.parameters() if p.requires_grad]
     with _gatherer(zero3)(params):
-        state = get_peft_model_state_dict(module) if rank == 0 else None
+        # adapters on an embedding table: its base weights stay out (they are the model's)
+        state = get_peft_model_state_dict(module, save_embedding_layers=False) \
+            if rank == 0 else None
         return {k: v.detach().clone() for k, v in state.items()} if state is not None else None

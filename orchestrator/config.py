@@ -109,8 +109,9 @@ class LoraConfig:
     alpha: float = param(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank", gt=0)
     dropout: float = param(0.0, "dropout on the adapters' input", ge=0, lt=1)
     target_modules: list[str] = param(help="modules that get adapters, by name or name suffix "
-                                           "(q_proj, v_proj, ...); [all-linear]: every linear "
-                                           "layer but the output head",
+                                           "(q_proj, v_proj, embed_tokens, ...); all-linear: "
+                                           "every linear layer but the output head; adapters "
+                                           "on a table tied to the output head change both",
                                       factory=lambda: ["all-linear"])
     save_merged: bool = param(True, "checkpoints also hold the base weights with the adapters "
                                     "merged in, as a plain Hugging Face dir (step-N/model); "
@@ -505,20 +506,23 @@ class RunConfig:
                                   f"installed here; pip install 'rayalign[lora]'")
 
     def _check_lora_targets(self, model_dir: Path) -> None:
-        """Adapters on a tied embedding would change the input table alone, while a merged copy
-        changes the output head with it: the model that trained is not the one sent."""
+        """On tied embeddings the input table and the output head are one tensor: adapters on
+        the table change both (actors/lora.py ``tie_head_to_embedding``), while adapters on
+        the head alone would change a tensor the table shares, so the model that trained would
+        not be the one sent."""
         import json
         config = json.loads((model_dir / "config.json").read_text())
         tied = config.get("tie_word_embeddings", config.get("text_config", {}).get(
             "tie_word_embeddings", True))
-        embeddings = {"embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings"}
+        heads = {"lm_head", "embed_out"}
         for role in ("policy", "critic"):
             lora = getattr(self, role).lora
-            bad = sorted(embeddings & set(lora.target_modules))
+            bad = sorted(heads & set(lora.target_modules))
             if lora.rank and tied and bad and role in self.roles():
-                raise ConfigError(f"{role}.lora.target_modules: {', '.join(bad)} is the tied "
-                                  f"input/output embedding of {model_dir}, which LoRA cannot "
-                                  f"adapt as one table; leave it out")
+                raise ConfigError(f"{role}.lora.target_modules: {', '.join(bad)} is the output "
+                                  f"head of {model_dir}, which shares its weights with the "
+                                  f"input embedding table (tied); name the table instead "
+                                  f"(embed_tokens), whose adapters change both")
 
     def _check_trackers(self) -> None:
         named = self.log.trackers

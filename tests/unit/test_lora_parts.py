@@ -110,6 +110,50 @@ def test_named_target_modules(model_dir):
                                   for n in adapted_layers)
 
 
+def test_adapters_on_the_embedding_table_are_what_a_merged_copy_holds(model_dir):
+    """Adapters on the input embedding table (tied to the output head in llama and qwen2, not
+    in gpt_neox): the model that trains computes what the merged weights compute, head
+    included, and gets gradients from the head side as well."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    table = next(n for n, m in base.named_modules() if m is base.get_input_embeddings())
+    tied = base.config.get_text_config().tie_word_embeddings
+    model = adapted(model_dir, target_modules=["all-linear", table.rsplit(".", 1)[-1]])
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_embedding_A" in n for n in trained)
+    assert any(n.endswith("proj.lora_A.default.weight") or "dense" in n for n in trained)
+    ids = torch.randint(0, 100, (2, 12))
+    logits = model(input_ids=ids).logits
+    # a plain model holding the merged weights computes the same logits
+    plain = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    merged = dict(lora.plain_parameters(lora.plain_model(model), zero3=False))
+    plain.load_state_dict(merged, strict=not tied)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=ids).logits, logits, atol=1e-5)
+        with lora.base_weights(model):
+            assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+    if tied:  # the head's own term carries gradient into the table's adapters: token 7's
+        # logit, on inputs without token 7, reaches them through the head alone
+        ids = torch.randint(8, 100, (2, 12))
+        model(input_ids=ids).logits[:, -1, 7].sum().backward()
+        grad = lora.plain_model(model).get_input_embeddings().lora_embedding_A["default"].grad
+        assert grad is not None and grad[:, 7].abs().sum() > 0
+
+
+def test_tied_head_takes_no_adapters_of_its_own(tmp_path):
+    tied = build_model(tmp_path / "llama", "tiny", arch="llama")
+    untied = build_model(tmp_path / "mistral", "tiny", arch="mistral")
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    with pytest.raises(ConfigError, match=r"policy.lora.target_modules: lm_head .*\(tied\); name "
+                                          r"the table instead \(embed_tokens\)"):
+        RunConfig.from_dict({"model": {"path": str(tied)}, "data": {"train": str(tmp_path / "t.jsonl")}},
+                            ["policy.lora.rank=8", "policy.lora.target_modules=[lm_head]"]
+                            ).check_paths()
+    for model, targets in ((tied, "[all-linear, embed_tokens]"), (untied, "[lm_head]")):
+        RunConfig.from_dict({"model": {"path": str(model)}, "data": {"train": str(tmp_path / "t.jsonl")}},
+                            ["policy.lora.rank=8", f"policy.lora.target_modules={targets}"]
+                            ).check_paths()
+
+
 def run_config(tmp_path, *overrides):
     return RunConfig.from_dict({"model": {"path": str(tmp_path)},
                                 "data": {"train": str(tmp_path / "t.jsonl")}}, list(overrides))
