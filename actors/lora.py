@@ -204,12 +204,13 @@ def _gatherer(zero3: bool):
 
 
 def trained_state(module: torch.nn.Module, zero3: bool, rank: int) -> dict | None:
-    """The adapters' (and trained heads') tensors as peft saves them, on rank 0 (None
-    elsewhere), gathered under ZeRO-3."""
-    from peft import get_peft_model_state_dict
+    """The adapters' (and trained heads') tensors under the wrapper's own state-dict names, on
+    rank 0 (None elsewhere), gathered under ZeRO-3: what peft's ``save_pretrained(...,
+    state_dict=)`` takes, which picks and renames them itself (a dict it had renamed once
+    already would lose a trained head's weights)."""
     params = [p for p in module.parameters() if p.requires_grad]
     with _gatherer(zero3)(params):
-        # adapters on an embedding table: its base weights stay out (they are the model's)
-        state = get_peft_model_state_dict(module, save_embedding_layers=False) \
-            if rank == 0 else None
-        return {k: v.detach().clone() for k, v in state.items()} if state is not None else None
+        if rank != 0:
+            return None
+        return {k: v.detach().clone() for k, v in module.state_dict().items()
+                if "lora_" in k or ".modules_to_save." in k}

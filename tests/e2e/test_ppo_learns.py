@@ -1,5 +1,7 @@
 """PPO with a critic on the synthetic task, over all five roles (rollout, policy, critic,
-reference colocated with the policy, reward colocated with the critic), must learn."""
+reference colocated with the policy, reward colocated with the critic), must learn; with LoRA
+adapters on the policy and the critic too (the reference then being the policy's base weights,
+no actor of its own)."""
 from __future__ import annotations
 
 import json
@@ -14,7 +16,14 @@ pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("shared_ray")]
 REWARD_GAIN = 0.1  # ground-truth reward of held-out samples, on a scale of [-1, 1]
 
 
-def test_ppo_raises_held_out_reward(assets, tmp_path):
+# adapters on every linear layer and the (tied) embedding table, as in tests/e2e/test_lora.py
+LORA = ["policy.lora.rank=32", "policy.lora.alpha=64", "reference.from=policy_base",
+        "policy.lora.target_modules=[all-linear, embed_tokens]", "optim.lr=3e-3",
+        "critic.lora.rank=8", "critic.lora.alpha=16"]
+
+
+@pytest.mark.parametrize("lora", [[], LORA], ids=["full", "lora"])
+def test_ppo_raises_held_out_reward(assets, tmp_path, lora):
     cfg = RunConfig.from_dict({
         "algorithm": "ppo", "run_dir": str(tmp_path / "run"),
         "model": {"path": assets["model"]},
@@ -32,7 +41,7 @@ def test_ppo_raises_held_out_reward(assets, tmp_path):
         "eval": {"num_prompts": 32},
         "cluster": {"num_cpus": 4},
         "log": {"progress_bar": False, "trackers": []},
-    })
+    }, lora)
     result = train(cfg)
     assert result.after["eval/reward"] >= result.before["eval/reward"] + REWARD_GAIN, result.summary()
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -44,3 +53,7 @@ def test_ppo_raises_held_out_reward(assets, tmp_path):
         assert all(key in r and math.isfinite(r[key]) for r in steps), key
     assert max(r["logprob_gap"] for r in steps) < 1e-3
     assert (result.checkpoint / "critic" / "model" / "model.safetensors").is_file()
+    if lora:
+        assert "reference" not in result.usage, result.usage
+        for adapter in (result.checkpoint / "adapter", result.checkpoint / "critic" / "adapter"):
+            assert (adapter / "adapter_model.safetensors").is_file(), adapter

@@ -102,6 +102,27 @@ def test_classifier_head_trains_in_full_and_is_saved_plain(model_dir):
     assert list(ours) == [n for n, _ in model.merge_and_unload().named_parameters()]
 
 
+@pytest.mark.parametrize("kind", ["causal", "classifier"])
+def test_saved_adapter_dir_loads_back_to_the_same_model(model_dir, kind, tmp_path):
+    """What a checkpoint's step-N/adapter holds (trained_state through peft's save_pretrained)
+    is the whole trained part: peft loads it onto a fresh base as the same model, a
+    classifier's fully trained head included."""
+    from peft import PeftModel
+    targets = ["all-linear", "embed_in" if "neox" in str(model_dir) else "embed_tokens"]
+    model = adapted(model_dir, kind, target_modules=targets)
+    model.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=False,
+                          state_dict=lora.trained_state(model, zero3=False, rank=0))
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModelForSequenceClassification
+    fresh = cls.from_pretrained(model_dir, dtype=torch.float32,
+                                **({} if kind == "causal" else {"num_labels": 1}))
+    loaded = PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
+    lora.tie_head_to_embedding(loaded)
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits,
+                              atol=1e-5)
+
+
 def test_named_target_modules(model_dir):
     model = adapted(model_dir, target_modules=["v_proj"]) if "neox" not in str(model_dir) \
         else adapted(model_dir, target_modules=["query_key_value"])
