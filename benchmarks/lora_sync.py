@@ -185,6 +185,11 @@ def med(rows: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
+def med_step(rows: list[dict]) -> float:
+    """Median of sync + generate, the cost of one step's weights and samples."""
+    return statistics.median(r["sync"] + r["generate"] for r in rows)
+
+
 def report(args, ways: dict) -> str:
     lines = [f"LoRA weight sync, {args.size} model, rank {args.rank} on every linear layer; "
              f"generate = {args.prompts} prompts x {args.n} samples x {args.new_tokens} "
@@ -194,12 +199,10 @@ def report(args, ways: dict) -> str:
     for name, res in ways.items():
         rows = res["rows"]
         lines.append(f"| {name} | {res['bytes'] / 1e6:.2f} | {med(rows, 'sync'):.3f} | "
-                     f"{med(rows, 'generate'):.3f} | "
-                     f"{statistics.median(r['sync'] + r['generate'] for r in rows):.3f} |")
+                     f"{med(rows, 'generate'):.3f} | {med_step(rows):.3f} |")
     a, m = ways["adapters (vLLM LoRA)"]["rows"], ways["merged (plain engine)"]["rows"]
     lines += ["", f"adapters: save {med(a, 'save'):.3f} s, load {med(a, 'load'):.3f} s",
-              f"sync + generate, adapters / merged: "
-              f"{statistics.median(r['sync'] + r['generate'] for r in a) / statistics.median(r['sync'] + r['generate'] for r in m):.2f}",
+              f"sync + generate, adapters / merged: {med_step(a) / med_step(m):.2f}",
               f"generate alone, adapters / merged: {med(a, 'generate') / med(m, 'generate'):.2f}",
               f"1-minute load average at the end: {os.getloadavg()[0]:.2f} (2 cores)"]
     return "\n".join(lines)
