@@ -124,7 +124,8 @@ def open_group(master_address: str, master_port: int, rank: int, world_size: int
     opts._devices = [dist.ProcessGroupGloo.create_device(
         hostname=_own_address(master_address, master_port))]
     pg = dist.ProcessGroupGloo(store, rank, world_size, opts)
-    return WeightGroup(pg, store, rank, world_size, shm=agree(pg, rank, shared_memory))
+    return WeightGroup(pg, store, rank, world_size,
+                       shm=agree(pg, rank, shared_memory, timeout_s=timeout_s))
 
 
 def _nbytes(dtype_name: str, shape: list[int]) -> int:

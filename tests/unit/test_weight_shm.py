@@ -135,3 +135,44 @@ def test_the_group_broadcasts_over_gloo(small_slots, monkeypatch, why):
     transports, got = _run_group(syncs, shared_memory=why != "turned off")
     assert transports == {0: "gloo", 1: "gloo", 2: "gloo"}
     _all_arrived(syncs, got)
+
+
+class _Group:
+    """The one thing a channel asks of its gloo group outside the socket path: its size."""
+
+    def size(self) -> int:
+        return 2
+
+
+def _receiver(trainer_pid: int, timeout_s: float) -> weight_shm.ShmChannel:
+    """The engine side (rank 1) of a channel over slots in plain memory, whose trainer (rank
+    0) is ``trainer_pid`` in this pid namespace and has posted nothing."""
+    size = 1 << 10
+    data = torch.zeros(weight_shm._file_bytes(size, 2), dtype=torch.uint8)
+    slots = weight_shm.Slots(data, size)
+    slots.sign(1)
+    slots.pids[0], slots.ns[0] = trainer_pid, weight_shm._pid_namespace()
+    return weight_shm.ShmChannel(_Group(), slots, [], rank=1, timeout_s=timeout_s)
+
+
+def test_a_receiver_sees_its_trainer_process_end_without_waiting_out_the_timeout():
+    import subprocess
+    import time
+    gone = subprocess.Popen(["true"])
+    gone.wait()   # reaped: its pid names no process now
+    channel = _receiver(gone.pid, timeout_s=60)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=f"group rank 0 \\(pid {gone.pid}\\) ended while "
+                                           f"this one waited for the trainer to post chunk 0"):
+        channel.receive(torch.empty(100, dtype=torch.uint8))
+    assert time.monotonic() - t0 < 2
+
+
+def test_a_receiver_whose_trainer_lives_but_posts_nothing_stops_at_the_timeout():
+    import os
+    import time
+    channel = _receiver(os.getpid(), timeout_s=0.5)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="waited 0.5s for the trainer to post chunk 0"):
+        channel.receive(torch.empty(100, dtype=torch.uint8))
+    assert 0.5 <= time.monotonic() - t0 < 3
