@@ -11,11 +11,11 @@ in ``--out``, then runs GRPO up to six times, one after the other in this proces
   default loop) and async (``rl.async_rollout: true``: the engine samples the next step while
   this one scores, trains and syncs): ``orchestrator.train`` with an embedded local Ray, set up
   like ``configs/grpo-tiny.yaml``: 1 policy actor (ZeRO-0; ``--policy-cpus`` torch threads),
-  1 reference actor (0.5 CPU), 1 reward actor (0.5 CPU, ``orchestrator.synthetic:reward``),
-  1 rollout engine (``--rollout-cpus``; vLLM with 0.25 GiB KV cache; max_model_len 256);
-  weights synced to the engine after every optimizer step. Policy and rollout get 2 CPUs each
-  on-policy, where they take turns on the 2 cores, and 1 each async, where they run at the
-  same time.
+  1 reference actor, 1 reward actor (0.5 CPU, ``orchestrator.synthetic:reward``), 1 rollout
+  engine (``--rollout-cpus``; vLLM with 0.25 GiB KV cache; max_model_len 256); weights synced
+  to the engine after every optimizer step. Policy, rollout and reference get 2 CPUs each
+  on-policy, where they take turns on the 2 cores (generate, then score, then train); async,
+  where they run at the same time, policy and rollout get 1 each and the reference 0.5.
 * TRL: ``trl.GRPOTrainer`` on CPU in this process with 2 torch threads, generation with
   Hugging Face ``generate`` (no vLLM), the reference model a separate copy (beta > 0); once
   before rayalign's runs and once after, and the faster of the two is what rayalign is
@@ -57,6 +57,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -179,13 +180,17 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str, backe
     shutil.rmtree(run_dir, ignore_errors=True)   # a fresh run: no old metrics lines
     turn = 1 if mode == "async" else 2  # async: engine and trainer run at once; else in turns
     policy_cpus, rollout_cpus = args.policy_cpus or turn, args.rollout_cpus or turn
+    # on-policy the reference's log-probs are all that runs while the batch is scored, so it
+    # takes both cores too; async it runs beside the trainer and the engine
+    ref_cpus = 0.5 if mode == "async" else turn
+    num_cpus = math.ceil(0.5 + ref_cpus + policy_cpus + rollout_cpus)  # the reward takes 0.5
     cfg = RunConfig.from_dict({
         "algorithm": "grpo",
         "run_dir": str(run_dir),
         "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
         "data": {"train": str(paths["train"]), "eval": str(paths["eval"]), "max_length": 128},
         "policy": {"actors": 1, "cpus": policy_cpus, "zero_stage": 0, "gradient_checkpointing": False},
-        "reference": {"actors": 1, "cpus": 0.5},
+        "reference": {"actors": 1, "cpus": ref_cpus},
         "reward": {"actors": 1, "cpus": 0.5, "kind": "function",
                    "function": "orchestrator.synthetic:reward"},
         "rollout": {"actors": 1, "cpus": rollout_cpus, "kv_cache_gib": 0.25, "max_model_len": 256,
@@ -197,12 +202,12 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str, backe
         "train": {"batch_size": SAMPLES_PER_STEP, "micro_batch_size": MICRO_BATCH,
                   "max_steps": args.steps, "seed": 0},
         "eval": {"num_prompts": args.eval_prompts},
-        "cluster": {"num_cpus": 1 + policy_cpus + rollout_cpus},
+        "cluster": {"num_cpus": num_cpus},
         "log": {"progress_bar": False, "trackers": []},
     }, args.set)
-    log.info("rayalign %s, %s: GRPO, %d steps; policy 1 x %d CPU (ZeRO-0), reference 0.5, reward "
+    log.info("rayalign %s, %s: GRPO, %d steps; policy 1 x %d CPU (ZeRO-0), reference %g, reward "
              "0.5, rollout 1 %s engine x %d CPU; embedded Ray with %d logical CPUs", mode, backend,
-             args.steps, policy_cpus, backend, rollout_cpus, 1 + policy_cpus + rollout_cpus)
+             args.steps, policy_cpus, ref_cpus, backend, rollout_cpus, num_cpus)
     load_before = os.getloadavg()
     t0 = time.perf_counter()
     result = train(cfg)
