@@ -127,7 +127,9 @@ def _picker(keep: torch.Tensor, shape: dict | None = None):
         hidden = args[0]
         if shape is not None:
             shape["in"] = hidden.shape
-        return (hidden.reshape(-1, hidden.shape[-1])[keep].unsqueeze(0),) + tuple(args[1:])
+        # index_select, not [keep]: its backward adds rows in place, the other's sorts them
+        return ((hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep).unsqueeze(0),)
+                + tuple(args[1:]))
     return pick
 
 
@@ -207,7 +209,44 @@ def response_logits(model, inputs: ModelInputs) -> torch.Tensor:
     """Logits [len(keep), vocab] at the positions that predict response tokens (float32)."""
     kwargs = model_kwargs(model, inputs)
     with head_on_positions(model, inputs.keep.to(kwargs["input_ids"].device)):
-        return model(**kwargs).logits[0].float()
+        logits = model(**kwargs).logits
+        # a view, not logits[0]: the backward of an index fills a zero tensor as large
+        return logits.view(logits.shape[1:]).float()
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """log p(target) = logit[target] - logsumexp(logits) per row, and whether the target is
+    the row's most likely token, keeping one [rows, vocab] tensor for the backward.
+
+    Autograd through gather and logsumexp keeps the logits and builds the gradient in several
+    passes over [rows, vocab] (a zero tensor for the gather, the exponentials again, their sum,
+    the copy out of the batch dimension). Here the forward keeps its exponentials (in place of
+    the logits, which nothing else needs) and the backward is one multiplication by -grad / sum
+    plus grad at each target. The argmax for token accuracy comes from the max the logsumexp
+    takes anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
+        top, best = logits.max(-1)
+        exps = (logits - top[:, None]).exp_()
+        sums = exps.sum(-1)
+        ctx.save_for_backward(exps, sums, targets)
+        ctx.mark_non_differentiable(best)
+        picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+        return picked - sums.log().add_(top), best
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _best):
+        exps, sums, targets = ctx.saved_tensors
+        out = exps * (-grad / sums).to(exps.dtype)[:, None]
+        out.scatter_add_(-1, targets[:, None], grad[:, None].to(out.dtype))
+        return out, None
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor):
+    """(log-prob of each row's target, the row's argmax) of logits [rows, vocab]."""
+    return _TargetLogProb.apply(logits, targets)
 
 
 def token_logprobs(model, inputs: ModelInputs, entropy: bool = False):
@@ -215,10 +254,10 @@ def token_logprobs(model, inputs: ModelInputs, entropy: bool = False):
     also the entropy of the model's next-token distribution at each of those positions."""
     logits = response_logits(model, inputs)
     targets = inputs.targets.to(logits.device)
+    if not entropy:
+        return target_logprobs(logits, targets)[0]
     picked = logits.gather(-1, targets[:, None]).squeeze(-1)
     logz = torch.logsumexp(logits, dim=-1)
-    if not entropy:
-        return picked - logz
     probs = torch.softmax(logits, dim=-1)
     return picked - logz, logz - (probs * logits).sum(-1)
 
@@ -228,8 +267,8 @@ def token_logprobs_and_hits(model, inputs: ModelInputs) -> tuple[torch.Tensor, t
     likely next token there (token accuracy)."""
     logits = response_logits(model, inputs)
     targets = inputs.targets.to(logits.device)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return logp, logits.argmax(-1) == targets
+    logp, best = target_logprobs(logits, targets)
+    return logp, best == targets
 
 
 def sequence_scores(model, inputs: ModelInputs) -> torch.Tensor:

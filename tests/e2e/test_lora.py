@@ -10,7 +10,10 @@ to its output head (actors/lora.py ``tie_head_to_embedding``). The task's prefer
 words: without adapters on the table, 40 DPO steps at rank 64 reach held-out accuracy 0.73
 but leave the sampled reward where it was (-0.025 -> -0.018; full fine-tuning: +0.2), since
 a random tiny model's hidden states give the linear layers' adapters no feature to express
-it with; with them, rank 32: accuracy 0.81, reward -0.025 -> 0.18.
+it with; with them, rank 32: accuracy 0.81, reward -0.025 -> 0.18. At lr 1e-2 the run is
+chaotic enough that float rounding alone moved that reward between 0.12 and 0.27, and seeds
+1-3 gave accuracy 0.55-0.82; at 5e-3 seeds 0-3 gave rewards of 0.21-0.44 and accuracy
+0.70-0.84, so the test uses 5e-3.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ def steps(run_dir) -> list[dict]:
 
 def test_dpo_with_lora_learns_and_resumes_without_a_reference_actor(make_config, tmp_path):
     run_dir = tmp_path / "run"
-    cfg = make_config(*LORA, "optim.lr=1e-2", run_dir=run_dir)    # 40 steps
+    cfg = make_config(*LORA, "optim.lr=5e-3", run_dir=run_dir)    # 40 steps
     first = train(cfg)
     assert first.before["eval/accuracy"] == pytest.approx(0.5)  # adapters start as a no-op
     assert "reference" not in first.usage, first.usage  # no actor of its own
@@ -70,7 +73,7 @@ def test_dpo_with_lora_learns_and_resumes_without_a_reference_actor(make_config,
         sorted(moved)[:5]
 
     # 4 steps more from the step-40 checkpoint
-    result = train(make_config(*LORA, "optim.lr=1e-2", "train.max_steps=44", run_dir=run_dir))
+    result = train(make_config(*LORA, "optim.lr=5e-3", "train.max_steps=44", run_dir=run_dir))
     assert result.resumed_from is not None and result.resumed_from.name == ckpt.name
     rows = steps(run_dir)
     assert [r["step"] for r in rows] == list(range(1, 45))

@@ -187,3 +187,27 @@ def test_response_logprobs_packed_rows_come_back_in_sequence_order(model):
     for a, b, c in zip(packed, padded, ref):
         assert a == pytest.approx(c, abs=1e-5)
         assert b == pytest.approx(c, abs=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_target_logprobs_match_autograd_through_log_softmax(dtype):
+    """The fused log-prob of a target (values, gradient, argmax) against the plain autograd
+    form, including a row whose logits are far from 0 and a target repeated across rows."""
+    from actors.logprobs import target_logprobs
+    torch.manual_seed(0)
+    logits = torch.randn(6, VOCAB, dtype=dtype) * 3
+    logits[2] += 80.0
+    targets = torch.tensor([0, 5, 5, VOCAB - 1, 7, 5])
+    ours_in = logits.clone().requires_grad_(True)
+    ref_in = logits.clone().requires_grad_(True)
+    ours, best = target_logprobs(ours_in, targets)
+    ref = torch.log_softmax(ref_in, -1).gather(-1, targets[:, None]).squeeze(-1)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(ours, ref, atol=tol, rtol=0)
+    assert torch.equal(best, logits.argmax(-1))
+    weights = torch.randn(6, dtype=dtype)
+    (ours * weights).sum().backward()
+    (ref * weights).sum().backward()
+    assert torch.allclose(ours_in.grad, ref_in.grad, atol=tol, rtol=0)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(lambda x: target_logprobs(x, targets)[0], (ref_in.detach().requires_grad_(True),))
