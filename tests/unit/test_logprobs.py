@@ -191,20 +191,29 @@ def test_response_logprobs_packed_rows_come_back_in_sequence_order(model):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_target_logprobs_match_autograd_through_log_softmax(dtype):
-    """The fused log-prob of a target (values, gradient, argmax) against the plain autograd
-    form, including a row whose logits are far from 0 and a target repeated across rows."""
+    """The fused log-prob of a target (values, gradient, the row's best log-prob) against the
+    plain autograd form, including a row whose logits are far from 0, a target repeated across
+    rows and rows whose target is the most likely token; with and without a backward."""
     from actors.logprobs import target_logprobs
     torch.manual_seed(0)
     logits = torch.randn(6, VOCAB, dtype=dtype) * 3
     logits[2] += 80.0
     targets = torch.tensor([0, 5, 5, VOCAB - 1, 7, 5])
+    targets[1] = int(logits[1].argmax())
+    targets[4] = int(logits[4].argmax())
     ours_in = logits.clone().requires_grad_(True)
     ref_in = logits.clone().requires_grad_(True)
-    ours, best = target_logprobs(ours_in, targets)
-    ref = torch.log_softmax(ref_in, -1).gather(-1, targets[:, None]).squeeze(-1)
+    ours, top = target_logprobs(ours_in, targets)
+    ref_all = torch.log_softmax(ref_in, -1)
+    ref = ref_all.gather(-1, targets[:, None]).squeeze(-1)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     assert torch.allclose(ours, ref, atol=tol, rtol=0)
-    assert torch.equal(best, logits.argmax(-1))
+    assert torch.allclose(top, ref_all.amax(-1), atol=tol, rtol=0)
+    assert (ours >= top).tolist() == (targets == logits.argmax(-1)).tolist()
+    assert (ours >= top).tolist() == [False, True, False, False, True, False]
+    with torch.no_grad():  # scoring: the same figures without the autograd function
+        plain, plain_top = target_logprobs(ours_in, targets)
+    assert torch.allclose(plain, ours, atol=tol, rtol=0) and torch.equal(plain_top, top)
     weights = torch.randn(6, dtype=dtype)
     (ours * weights).sum().backward()
     (ref * weights).sum().backward()
