@@ -215,9 +215,9 @@ def response_logits(model, inputs: ModelInputs) -> torch.Tensor:
 
 
 class _TargetLogProb(torch.autograd.Function):
-    """log p(target) per row of logits [rows, vocab], and the row's largest log-prob (the
-    target is the most likely token where the two are equal), keeping one [rows, vocab]
-    tensor for the backward.
+    """log p(target) per row of logits [rows, vocab], the row's largest log-prob (the target
+    is the most likely token where the two are equal) and, if asked, the row's entropy (a
+    figure, without gradient), keeping one [rows, vocab] tensor for the backward.
 
     Autograd through gather and logsumexp keeps the logits and builds the gradient in several
     passes over [rows, vocab] (a zero tensor for the gather, the exponentials again, their sum,
@@ -228,41 +228,48 @@ class _TargetLogProb(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor):
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
         logp = torch.log_softmax(logits, -1)
+        probs = torch.softmax(logits, -1)
         top = logp.amax(-1)
-        ctx.save_for_backward(torch.softmax(logits, -1), targets)
-        ctx.mark_non_differentiable(top)
-        return logp.gather(-1, targets[:, None]).squeeze(-1), top
+        entropy = -(probs * logp).sum(-1) if with_entropy else top.new_empty(0)
+        ctx.save_for_backward(probs, targets)
+        ctx.mark_non_differentiable(top, entropy)
+        return logp.gather(-1, targets[:, None]).squeeze(-1), top, entropy
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, _top):
+    def backward(ctx, grad: torch.Tensor, _top, _entropy):
         probs, targets = ctx.saved_tensors
         out = probs * (-grad).to(probs.dtype)[:, None]
         out.scatter_add_(-1, targets[:, None], grad[:, None].to(out.dtype))
-        return out, None
+        return out, None, None
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor):
-    """(log-prob of each row's target, the row's largest log-prob) of logits [rows, vocab]:
-    the target is the row's most likely token where the two are equal."""
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
+    """(log-prob of each row's target, the row's largest log-prob, the row's entropy or an
+    empty tensor) of logits [rows, vocab]: the target is the row's most likely token where
+    the first two are equal. Only the log-prob carries a gradient."""
     if torch.is_grad_enabled() and logits.requires_grad:
-        return _TargetLogProb.apply(logits, targets)
+        return _TargetLogProb.apply(logits, targets, with_entropy)
     logp = torch.log_softmax(logits, -1)  # scoring only: nothing to keep for a backward
-    return logp.gather(-1, targets[:, None]).squeeze(-1), logp.amax(-1)
+    entropy = (-(logp.exp() * logp).sum(-1) if with_entropy else logp.new_empty(0))
+    return logp.gather(-1, targets[:, None]).squeeze(-1), logp.amax(-1), entropy
 
 
-def token_logprobs(model, inputs: ModelInputs, entropy: bool = False):
+def token_logprobs(model, inputs: ModelInputs, entropy: bool = False,
+                   entropy_grad: bool = False):
     """Log-prob of each response token, flat in the order of ``inputs.keep``; with ``entropy``,
-    also the entropy of the model's next-token distribution at each of those positions."""
+    also the entropy of the model's next-token distribution at each of those positions, which
+    carries a gradient with ``entropy_grad`` (an entropy term in the loss) and is a figure
+    only without."""
     logits = response_logits(model, inputs)
     targets = inputs.targets.to(logits.device)
-    if not entropy:
-        return target_logprobs(logits, targets)[0]
-    picked = logits.gather(-1, targets[:, None]).squeeze(-1)
-    logz = torch.logsumexp(logits, dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return picked - logz, logz - (probs * logits).sum(-1)
+    if not entropy_grad:
+        logp, _, ent = target_logprobs(logits, targets, with_entropy=entropy)
+        return (logp, ent) if entropy else logp
+    logp_all = torch.log_softmax(logits, dim=-1)
+    return (logp_all.gather(-1, targets[:, None]).squeeze(-1),
+            -(logp_all.exp() * logp_all).sum(-1))
 
 
 def token_logprobs_and_hits(model, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +277,7 @@ def token_logprobs_and_hits(model, inputs: ModelInputs) -> tuple[torch.Tensor, t
     likely next token there (token accuracy)."""
     logits = response_logits(model, inputs)
     targets = inputs.targets.to(logits.device)
-    logp, top = target_logprobs(logits, targets)
+    logp, top, _ = target_logprobs(logits, targets)
     return logp, logp >= top
 
 

@@ -24,7 +24,9 @@ def rl_update(trainer, batch: RolloutBatch, cfg, pad_id: int) -> dict:
     for _ in range(rl.epochs):
         for mb in batch.micro_batches(micro):
             inputs = build_inputs(mb.sequences, cfg.packing, pad_id)
-            flat, ent_flat = token_logprobs(engine, inputs, entropy=True)
+            # the entropy is a logged figure unless the loss has an entropy term
+            flat, ent_flat = token_logprobs(engine, inputs, entropy=True,
+                                            entropy_grad=bool(rl.entropy_coef))
             mask = mb.mask.bool()
             logp = torch.zeros(mask.shape, dtype=flat.dtype)
             logp = logp.masked_scatter(mask, by_sequence(flat, inputs))

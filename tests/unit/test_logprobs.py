@@ -115,6 +115,22 @@ def test_gradients_flow(model):
     model.zero_grad(set_to_none=True)
 
 
+def test_entropy_is_a_figure_unless_asked_to_carry_gradients(model):
+    """The RL update's entropy: the same values either way; with ``entropy_grad`` an entropy
+    term in the loss reaches the weights."""
+    from actors.logprobs import token_logprobs
+    inputs = build_inputs(SEQS[:2], pack=True)
+    logp, entropy = token_logprobs(model, inputs, entropy=True)
+    logp_g, entropy_g = token_logprobs(model, inputs, entropy=True, entropy_grad=True)
+    assert not entropy.requires_grad and entropy_g.requires_grad and logp.requires_grad
+    assert torch.allclose(logp, logp_g, atol=1e-5)
+    assert torch.allclose(entropy, entropy_g, atol=1e-5)
+    assert (entropy > 0).all() and (entropy <= torch.log(torch.tensor(float(VOCAB))) + 1e-5).all()
+    entropy_g.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("pack", [True, False])
 def test_lm_head_sees_only_response_positions(model, pack):
     """Prompt and padding positions never reach the LM head, so they cannot count."""
@@ -203,7 +219,8 @@ def test_target_logprobs_match_autograd_through_log_softmax(dtype):
     targets[4] = int(logits[4].argmax())
     ours_in = logits.clone().requires_grad_(True)
     ref_in = logits.clone().requires_grad_(True)
-    ours, top = target_logprobs(ours_in, targets)
+    ours, top, none = target_logprobs(ours_in, targets)
+    assert none.numel() == 0
     ref_all = torch.log_softmax(ref_in, -1)
     ref = ref_all.gather(-1, targets[:, None]).squeeze(-1)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -212,11 +229,18 @@ def test_target_logprobs_match_autograd_through_log_softmax(dtype):
     assert (ours >= top).tolist() == (targets == logits.argmax(-1)).tolist()
     assert (ours >= top).tolist() == [False, True, False, False, True, False]
     with torch.no_grad():  # scoring: the same figures without the autograd function
-        plain, plain_top = target_logprobs(ours_in, targets)
+        plain, plain_top, _ = target_logprobs(ours_in, targets)
     assert torch.allclose(plain, ours, atol=tol, rtol=0) and torch.equal(plain_top, top)
+    ref_entropy = -(torch.softmax(logits, -1) * torch.log_softmax(logits, -1)).sum(-1)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            _, _, entropy = target_logprobs(ours_in, targets, with_entropy=True)
+        assert not entropy.requires_grad
+        assert torch.allclose(entropy, ref_entropy, atol=tol, rtol=0)
     weights = torch.randn(6, dtype=dtype)
     (ours * weights).sum().backward()
     (ref * weights).sum().backward()
     assert torch.allclose(ours_in.grad, ref_in.grad, atol=tol, rtol=0)
     if dtype == torch.float64:
-        assert torch.autograd.gradcheck(lambda x: target_logprobs(x, targets)[0], (ref_in.detach().requires_grad_(True),))
+        assert torch.autograd.gradcheck(lambda x: target_logprobs(x, targets)[0],
+                                        (ref_in.detach().requires_grad_(True),))
