@@ -245,14 +245,17 @@ class _TargetLogProb(torch.autograd.Function):
         return out, None, None
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False):
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, with_entropy: bool = False,
+                    entropy_grad: bool = False):
     """(log-prob of each row's target, the row's largest log-prob, the row's entropy or an
     empty tensor) of logits [rows, vocab]: the target is the row's most likely token where
-    the first two are equal. Only the log-prob carries a gradient."""
-    if torch.is_grad_enabled() and logits.requires_grad:
+    the first two are equal. Only the log-prob carries a gradient, and with ``entropy_grad``
+    the entropy too."""
+    if torch.is_grad_enabled() and logits.requires_grad and not entropy_grad:
         return _TargetLogProb.apply(logits, targets, with_entropy)
-    logp = torch.log_softmax(logits, -1)  # scoring only: nothing to keep for a backward
-    entropy = (-(logp.exp() * logp).sum(-1) if with_entropy else logp.new_empty(0))
+    # scoring (nothing kept for a backward), or plain autograd for an entropy term
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else logp.new_empty(0)
     return logp.gather(-1, targets[:, None]).squeeze(-1), logp.amax(-1), entropy
 
 
@@ -263,13 +266,9 @@ def token_logprobs(model, inputs: ModelInputs, entropy: bool = False,
     carries a gradient with ``entropy_grad`` (an entropy term in the loss) and is a figure
     only without."""
     logits = response_logits(model, inputs)
-    targets = inputs.targets.to(logits.device)
-    if not entropy_grad:
-        logp, _, ent = target_logprobs(logits, targets, with_entropy=entropy)
-        return (logp, ent) if entropy else logp
-    logp_all = torch.log_softmax(logits, dim=-1)
-    return (logp_all.gather(-1, targets[:, None]).squeeze(-1),
-            -(logp_all.exp() * logp_all).sum(-1))
+    logp, _, ent = target_logprobs(logits, inputs.targets.to(logits.device), entropy,
+                                   entropy_grad)
+    return (logp, ent) if entropy else logp
 
 
 def token_logprobs_and_hits(model, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
