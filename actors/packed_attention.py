@@ -57,6 +57,24 @@ def _pieces(position_ids: torch.Tensor) -> list[Piece]:
     return _last[1]
 
 
+def _runs(pieces: list[Piece]) -> list[tuple[int, int]]:
+    """(first piece, count) per run of neighbouring whole sequences of one length that no
+    branch continues (a group of sampled responses that all ran to the token limit, for
+    one): their attention is one batched call instead of one call each. Every other piece
+    is a run of its own."""
+    continued = {root for _, root, prefix in pieces if prefix}
+    runs, i = [], 0
+    while i < len(pieces):
+        count = 1
+        if pieces[i][2] == 0 and i not in continued:
+            while (i + count < len(pieces) and pieces[i + count][0] == pieces[i][0]
+                   and pieces[i + count][2] == 0 and i + count not in continued):
+                count += 1
+        runs.append((i, count))
+        i += count
+    return runs
+
+
 def _attend(q, k, v, prefix_k, prefix_v, scaling, gqa: bool) -> torch.Tensor:
     """Causal attention of one piece's queries over a prefix (keys, values; may be empty)
     and the piece itself."""
@@ -91,14 +109,26 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     pieces, gqa = _pieces(position_ids), query.shape[1] != key.shape[1]
+    runs = _runs(pieces)
     # split, not slice: the backward of a split is one concatenation, while every slice's
     # backward would fill a zero tensor as large as the whole row
-    lengths = [length for length, _, _ in pieces]
-    qs, ks, vs = query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)
-    parts = [_attend(qs[i], ks[i], vs[i],
-                     ks[root][:, :, :prefix] if prefix else None,
-                     vs[root][:, :, :prefix] if prefix else None, scaling, gqa)
-             for i, (_, root, prefix) in enumerate(pieces)]
+    sizes = [pieces[first][0] * count for first, count in runs]
+    qs, ks, vs = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
+    run_of = {first: r for r, (first, _) in enumerate(runs)}
+    parts = []
+    for r, (first, count) in enumerate(runs):
+        length, root, prefix = pieces[first]
+        if count > 1:  # equal sequences side by side: one batched call, viewed, not copied
+            q, k, v = (t[0].unflatten(1, (count, length)).transpose(0, 1)
+                       for t in (qs[r], ks[r], vs[r]))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                                 enable_gqa=gqa)
+            parts.append(out.transpose(0, 1).reshape(1, out.shape[1], -1, out.shape[3]))
+            continue
+        base = run_of[root] if prefix else None
+        parts.append(_attend(qs[r], ks[r], vs[r],
+                             ks[base][:, :, :prefix] if prefix else None,
+                             vs[base][:, :, :prefix] if prefix else None, scaling, gqa))
     out = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 

@@ -83,6 +83,35 @@ def test_one_row_gradients_equal_padded_ones(lms):
     sdpa.zero_grad(set_to_none=True)
 
 
+# a sampled group's responses that all ran to the token limit: neighbours of one length
+EQUAL = [([5, 6, 7], [8, 9]), ([5, 6, 7], [10, 11]), ([5, 6, 7], [12, 13]), ([1], [2, 3]),
+         ([4, 5], [6, 7, 8]), ([4, 5], [9, 9, 9])]
+
+
+def test_runs_of_equal_sequences():
+    inp = build_inputs(EQUAL, "one_row")
+    pieces = packed_attention._pieces(inp.position_ids)
+    assert packed_attention._runs(pieces) == [(0, 3), (3, 1), (4, 2)]
+    # a sequence that a branch continues stays alone, and so does the branch
+    assert packed_attention._runs([(4, 0, 0), (4, 1, 0), (2, 1, 2), (4, 3, 0)]) == \
+        [(0, 1), (1, 1), (2, 1), (3, 1)]
+
+
+def test_equal_sequences_in_one_call_equal_each_alone_with_gradients(lms):
+    varlen, sdpa = lms
+    with torch.no_grad():
+        packed, _ = sequence_logprobs(varlen, build_inputs(EQUAL, "one_row"))
+    assert packed.tolist() == pytest.approx(alone(sdpa, EQUAL), abs=1e-5)
+    for model, inputs in ((varlen, build_inputs(EQUAL, "one_row")),
+                          (sdpa, build_inputs(EQUAL, False))):
+        model.zero_grad(set_to_none=True)
+        (sequence_logprobs(model, inputs)[0] * torch.arange(1.0, 7.0)).sum().backward()
+    for (name, a), (_, b) in zip(varlen.named_parameters(), sdpa.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    varlen.zero_grad(set_to_none=True)
+    sdpa.zero_grad(set_to_none=True)
+
+
 def test_pair_layout_shares_the_prompt():
     inp = pair_inputs(PAIRS[:1], "one_row")
     # prompt, chosen, rejected; the rejected positions continue from the prompt's
