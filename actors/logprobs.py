@@ -63,11 +63,12 @@ def pack_rows(lengths: list[int]) -> tuple[int, list[list[int]]]:
 def build_inputs(seqs: list[Sequence], pack: bool | str, pad_id: int = 0) -> ModelInputs:
     """Lay sequences out one right-padded row per sequence (``pack`` False), packed into rows
     as wide as the longest (True), or all in one row without padding (``"one_row"``, for the
-    varlen attention of actors/packed_attention.py, which keeps them apart)."""
-    lengths = [sum(map(len, s)) for s in seqs]
+    varlen attention of actors/packed_attention.py, which keeps them apart; see
+    :func:`one_row`)."""
     if pack == "one_row":
-        width, rows = sum(lengths), [list(range(len(seqs)))]
-    elif pack:
+        return one_row(seqs)
+    lengths = [sum(map(len, s)) for s in seqs]
+    if pack:
         width, rows = pack_rows(lengths)
     else:
         width, rows = max(lengths), [[s] for s in range(len(seqs))]
@@ -101,6 +102,56 @@ def build_inputs(seqs: list[Sequence], pack: bool | str, pad_id: int = 0) -> Mod
                        len(seqs), torch.tensor(last, dtype=torch.long))
 
 
+def one_row(seqs: list[Sequence]) -> ModelInputs:
+    """All sequences in one row without padding, each prompt laid out once for the
+    neighbours that share it.
+
+    A (prompt, response) sequence whose prompt is that of the last sequence laid out in full
+    becomes a branch: only its response tokens go into the row, with positions continuing
+    from the prompt's, which tells the varlen attention that they see that prompt and then
+    themselves (the layout :func:`pair_inputs` gives a preference pair). The samples of one
+    prompt in an RL group are neighbours, so a group's prompt goes through the model once
+    instead of once per sample. The response's first token is predicted from the prompt's
+    last position, which several sequences then share in ``keep``.
+    """
+    ids: list[int] = []
+    pos: list[int] = []
+    keep: list[int] = []
+    targets: list[int] = []
+    owner: list[int] = []
+    last = [0] * len(seqs)
+    root = None  # (prompt, where it starts) of the last sequence laid out in full
+    for s, seq in enumerate(seqs):
+        start = len(ids)
+        if root is not None and len(seq) == 2 and len(seq[1]) and list(seq[0]) == root[0]:
+            prompt, response = root[0], list(seq[1])
+            ids += response
+            pos += range(len(prompt), len(prompt) + len(response))
+            keep += [root[1] + len(prompt) - 1, *range(start, start + len(response) - 1)]
+            targets += response
+            owner += [s] * len(response)
+            last[s] = start + len(response) - 1
+            continue
+        offset = start
+        for k, seg in enumerate(seq):
+            # position t predicts token t+1: a scored segment at offset o of length m is
+            # predicted from positions o-1 .. o+m-2
+            if k % 2:
+                keep += range(offset - 1, offset + len(seg) - 1)
+                targets += seg
+                owner += [s] * len(seg)
+            ids += seg
+            offset += len(seg)
+        pos += range(offset - start)
+        last[s] = offset - 1
+        root = (list(seq[0]), start) if len(seq) == 2 and len(seq[0]) else None
+    row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
+    return ModelInputs(row(ids), row(pos), None, torch.tensor(keep, dtype=torch.long),
+                       torch.tensor(targets, dtype=torch.long),
+                       torch.tensor(owner, dtype=torch.long), len(seqs),
+                       torch.tensor(last, dtype=torch.long))
+
+
 def unwrap(model) -> torch.nn.Module:
     """The transformers model inside a DeepSpeed engine and a peft (LoRA) wrapper."""
     from actors.lora import plain_model
@@ -114,7 +165,10 @@ def head_on_positions(model, keep: torch.Tensor):
     inner = unwrap(model)
     handle = inner.get_output_embeddings().register_forward_pre_hook(_picker(keep))
     try:
-        with last_block_on_positions(inner, keep):
+        # each position once: a shared prompt's last position predicts several responses'
+        # first tokens (the head reads it once for each), and the last block's parts run on
+        # it once
+        with last_block_on_positions(inner, torch.unique(keep)):
             yield
     finally:
         handle.remove()

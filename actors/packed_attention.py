@@ -16,12 +16,17 @@ the first k tokens of the current sequence and then itself (``pair_inputs`` lays
 pair out as prompt, chosen, rejected with the rejected positions continuing from the prompt, so
 the prompt goes through the model once for both responses).
 
-Anything else, a batch of several rows, a step with a KV cache (generation), dropout, sliding
-windows or logit soft-capping, goes to transformers' own SDPA path with the mask transformers
-builds for it (the SDPA mask function is registered under the same name), so a model loaded
-with ``varlen`` behaves like ``sdpa`` outside packed forwards.
+Anything else, a batch of several rows, a step with a KV cache (generation), dropout, a
+sliding window shorter than a sequence of the row, or logit soft-capping, goes to transformers'
+own SDPA path with the mask transformers builds for it (the SDPA mask function is registered
+under the same name), so a model loaded with ``varlen`` behaves like ``sdpa`` outside packed
+forwards. That mask starts a new sequence at every break in the positions, so a branch there
+would not see its prompt: a row with branches that cannot take this function's path is
+refused with an error naming the reason, never computed wrong.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,70 +39,112 @@ NAME = "varlen"
 
 Piece = tuple[int, int, int]   # (length, index of the piece it continues, prefix length)
 
-_last: tuple[torch.Tensor, list[Piece]] | None = None
+
+class Layout(NamedTuple):
+    """A packed row's pieces (:func:`_pieces`), its runs (:func:`_runs`), each run's number of
+    tokens, the run each run's first piece is in (by piece index), and the most tokens any
+    query sees (a branch sees its prefix too)."""
+    pieces: list[Piece]
+    runs: list[tuple[int, int]]
+    sizes: list[int]
+    run_of: dict[int, int]
+    reach: int
+
+    @property
+    def branched(self) -> bool:
+        return any(prefix for _, _, prefix in self.pieces)
+
+
+_last: tuple[torch.Tensor, Layout] | None = None
+
+
+def _layout(position_ids: torch.Tensor) -> Layout:
+    """The row's layout, computed once per forward (every layer sees the same position ids
+    tensor)."""
+    global _last
+    if _last is None or _last[0] is not position_ids:
+        pieces = _pieces(position_ids)
+        runs = _runs(pieces)
+        _last = (position_ids, Layout(pieces, runs, [pieces[i][0] * n for i, n in runs],
+                                      {first: r for r, (first, _) in enumerate(runs)},
+                                      max(length + prefix for length, _, prefix in pieces)))
+    return _last[1]
 
 
 def _pieces(position_ids: torch.Tensor) -> list[Piece]:
     """The runs of consecutive positions in the row: a run starting at position 0 begins a
     sequence (prefix 0); one starting at k > 0 continues the first k tokens of the sequence's
-    first run. Computed once per forward (every layer sees the same position ids tensor)."""
-    global _last
-    if _last is None or _last[0] is not position_ids:
-        pos = position_ids[0]
-        starts = [0] + (torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist()
-        firsts = pos[starts].tolist()
-        pieces, root = [], 0
-        for i, (start, end, first) in enumerate(zip(starts, starts[1:] + [pos.numel()], firsts)):
-            root = i if first == 0 else root
-            if first and first > pieces[root][0]:
-                raise ValueError(f"packed row: a run at token {start} continues {first} tokens "
-                                 f"of a sequence whose first run has {pieces[root][0]}")
-            pieces.append((end - start, root, first))
-        _last = (position_ids, pieces)
-    return _last[1]
+    first run."""
+    pos = position_ids[0]
+    starts = [0] + (torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1).tolist()
+    firsts = pos[starts].tolist()
+    pieces, root = [], 0
+    for i, (start, end, first) in enumerate(zip(starts, starts[1:] + [pos.numel()], firsts)):
+        root = i if first == 0 else root
+        if first and first > pieces[root][0]:
+            raise ValueError(f"packed row: a run at token {start} continues {first} tokens "
+                             f"of a sequence whose first run has {pieces[root][0]}")
+        pieces.append((end - start, root, first))
+    return pieces
 
 
 def _runs(pieces: list[Piece]) -> list[tuple[int, int]]:
-    """(first piece, count) per run of neighbouring whole sequences of one length that no
-    branch continues (a group of sampled responses that all ran to the token limit, for
-    one): their attention is one batched call instead of one call each. Every other piece
-    is a run of its own."""
+    """(first piece, count) per run of neighbouring pieces of one length that one batched
+    attention call takes: whole sequences that no branch continues (a group of sampled
+    responses that all ran to the token limit), or branches off the same prefix of one
+    sequence (the same group with its prompt laid out once). Every other piece is a run of
+    its own."""
     continued = {root for _, root, prefix in pieces if prefix}
+
+    def alike(a: int, b: int) -> bool:
+        (len_a, root_a, prefix_a), (len_b, root_b, prefix_b) = pieces[a], pieces[b]
+        if len_a != len_b or prefix_a != prefix_b:
+            return False
+        return root_a == root_b if prefix_a else not {a, b} & continued
+
     runs, i = [], 0
     while i < len(pieces):
         count = 1
-        if pieces[i][2] == 0 and i not in continued:
-            while (i + count < len(pieces) and pieces[i + count][0] == pieces[i][0]
-                   and pieces[i + count][2] == 0 and i + count not in continued):
-                count += 1
+        while i + count < len(pieces) and alike(i, i + count):
+            count += 1
         runs.append((i, count))
         i += count
     return runs
 
 
 def _attend(q, k, v, prefix_k, prefix_v, scaling, gqa: bool) -> torch.Tensor:
-    """Causal attention of one piece's queries over a prefix (keys, values; may be empty)
-    and the piece itself."""
+    """Causal attention of pieces' queries [pieces, heads, length, dim] over a prefix shared
+    by all of them (keys, values [1, heads, prefix, dim]; None for none) and each piece
+    itself."""
     if prefix_k is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
                                               enable_gqa=gqa)
-    prefix, length = prefix_k.shape[2], q.shape[2]
+    prefix, length, count = prefix_k.shape[2], q.shape[2], q.shape[0]
     # query i sees the whole prefix and its own piece up to itself
     mask = torch.ones(length, prefix + length, dtype=torch.bool,
                       device=q.device).tril(diagonal=prefix)
-    return F.scaled_dot_product_attention(q, torch.cat([prefix_k, k], 2),
-                                          torch.cat([prefix_v, v], 2), attn_mask=mask,
-                                          scale=scaling, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, torch.cat([prefix_k.expand(count, -1, -1, -1), k], 2),
+                                          torch.cat([prefix_v.expand(count, -1, -1, -1), v], 2),
+                                          attn_mask=mask, scale=scaling, enable_gqa=gqa)
 
 
-def _packed(query, key, position_ids, kwargs, module, dropout) -> bool:
-    """Whether this call is a packed single-row forward this function handles itself."""
+def _one_row(query, key, position_ids) -> bool:
+    """Whether this call is a forward of one packed row (not a decoding step)."""
     return (position_ids is not None and query.shape[0] == 1 and position_ids.shape[0] == 1
             and query.shape[2] == key.shape[2] == position_ids.shape[1]
-            and not dropout and kwargs.get("past_key_values") is None
-            and not kwargs.get("sliding_window") and not kwargs.get("softcap")
-            and kwargs.get("position_bias") is None and getattr(module, "is_causal", True)
             and int(position_ids[0, 0]) == 0)
+
+
+def _unsupported(layout: Layout, kwargs, module, dropout) -> str | None:
+    """What in this attention call the function below does not do, or None. A sliding
+    window longer than every sequence never cuts and is no obstacle."""
+    window = kwargs.get("sliding_window")
+    why = {"attention dropout": dropout, "a KV cache": kwargs.get("past_key_values") is not None,
+           f"a sliding window of {window} tokens": window and layout.reach > window,
+           "logit soft-capping": kwargs.get("softcap"),
+           "a position bias": kwargs.get("position_bias") is not None,
+           "non-causal attention": not getattr(module, "is_causal", True)}
+    return next((reason for reason, present in why.items() if present), None)
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -105,30 +152,31 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                      scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """Causal attention within each sequence of a packed row (see the module docstring)."""
     position_ids = kwargs.get("position_ids")
-    if not _packed(query, key, position_ids, kwargs, module, dropout):
+    layout = _layout(position_ids) if _one_row(query, key, position_ids) else None
+    why = _unsupported(layout, kwargs, module, dropout) if layout is not None else "no row"
+    if why is not None:
+        if layout is not None and layout.branched:
+            # transformers' mask would start a new sequence at each branch: it would not see
+            # its prompt, and every log-prob after it would be wrong without a word
+            raise ValueError(
+                f"varlen attention: a packed row with shared prompts (a preference pair's, or "
+                f"an RL group's) needs this function's own path, and this model's attention "
+                f"has {why} ({type(module).__name__}); set model.attn_implementation: sdpa")
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    pieces, gqa = _pieces(position_ids), query.shape[1] != key.shape[1]
-    runs = _runs(pieces)
+    gqa = query.shape[1] != key.shape[1]
     # split, not slice: the backward of a split is one concatenation, while every slice's
     # backward would fill a zero tensor as large as the whole row
-    sizes = [pieces[first][0] * count for first, count in runs]
-    qs, ks, vs = query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)
-    run_of = {first: r for r, (first, _) in enumerate(runs)}
+    qs, ks, vs = (t.split(layout.sizes, 2) for t in (query, key, value))
     parts = []
-    for r, (first, count) in enumerate(runs):
-        length, root, prefix = pieces[first]
-        if count > 1:  # equal sequences side by side: one batched call, viewed, not copied
-            q, k, v = (t[0].unflatten(1, (count, length)).transpose(0, 1)
-                       for t in (qs[r], ks[r], vs[r]))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                                 enable_gqa=gqa)
-            parts.append(out.transpose(0, 1).reshape(1, out.shape[1], -1, out.shape[3]))
-            continue
-        base = run_of[root] if prefix else None
-        parts.append(_attend(qs[r], ks[r], vs[r],
-                             ks[base][:, :, :prefix] if prefix else None,
-                             vs[base][:, :, :prefix] if prefix else None, scaling, gqa))
+    for r, (first, count) in enumerate(layout.runs):
+        length, root, prefix = layout.pieces[first]
+        # a run of pieces side by side: one batched call, viewed, not copied
+        q, k, v = (t[r][0].unflatten(1, (count, length)).transpose(0, 1) for t in (qs, ks, vs))
+        base = layout.run_of[root] if prefix else None  # the run of the sequence continued
+        out = _attend(q, k, v, ks[base][:, :, :prefix] if prefix else None,
+                      vs[base][:, :, :prefix] if prefix else None, scaling, gqa)
+        parts.append(out.transpose(0, 1).reshape(1, out.shape[1], -1, out.shape[3]))
     out = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 

@@ -524,6 +524,29 @@ class RunConfig:
                                   f"input embedding table (tied); name the table instead "
                                   f"(embed_tokens), whose adapters change both")
 
+    def _check_varlen(self, model_dir: Path) -> None:
+        """The varlen attention lays a shared prompt out once (a preference pair's, an RL
+        group's); a model whose attention it cannot run falls back to transformers' mask,
+        which cannot show such a prompt to its responses (actors/packed_attention.py)."""
+        import json
+        if self.packing != "one_row":
+            return
+        config = json.loads((model_dir / "config.json").read_text())
+        longest = self.rollout.max_model_len if self.online else self.data.max_length
+        window = config.get("sliding_window")
+        windowed = (window and config.get("use_sliding_window", True) is not False
+                    and "sliding_attention" in config.get("layer_types", ["sliding_attention"]))
+        why = {f"attention_dropout {config.get('attention_dropout')}":
+               (config.get("attention_dropout") or 0) > 0,
+               "attn_logit_softcapping": config.get("attn_logit_softcapping"),
+               f"a sliding window of {window} tokens, shorter than the longest sequence "
+               f"({longest})": windowed and window < longest}
+        reason = next((k for k, present in why.items() if present), None)
+        if reason is not None:
+            raise ConfigError(f"model.attn_implementation: varlen cannot run {model_dir}'s "
+                              f"attention ({reason}) on rows with shared prompts; set "
+                              f"model.attn_implementation=sdpa")
+
     def _check_trackers(self) -> None:
         named = self.log.trackers
         if len(set(named)) != len(named):
@@ -637,6 +660,7 @@ class RunConfig:
             if (model / "config.json").is_file():
                 check_family(model, self.model.trust_remote_code)
                 self._check_lora_targets(model)
+                self._check_varlen(model)
         critic = self.critic.model_path
         if (self.uses_critic and critic and "critic.model_path" not in pending
                 and not (Path(critic) / "config.json").is_file()):

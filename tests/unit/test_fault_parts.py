@@ -326,3 +326,28 @@ def test_a_family_that_converts_tensors_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="a 'mixtral' model, whose tensors transformers converts "
                                           "on load .* does not support this family"):
         check_family(tmp_path)
+
+
+@pytest.mark.parametrize("extra, allowed, cause", [
+    ({"sliding_window": 4096}, True, None),                  # Mistral 7B v0.1: never cuts
+    ({"sliding_window": 64, "use_sliding_window": False}, True, None),  # Qwen2's switch off
+    ({"sliding_window": 64}, False, "sliding window of 64 tokens"),
+    ({"attention_dropout": 0.1}, False, "attention_dropout 0.1"),
+    ({"attn_logit_softcapping": 50.0}, False, "attn_logit_softcapping"),
+])
+def test_varlen_refuses_attention_it_cannot_run_before_any_actor(tmp_path, extra, allowed,
+                                                                 cause):
+    """A model whose attention would send a row with shared prompts to transformers' mask
+    (wrong log-probs) is refused at config time, naming the cause and the fix."""
+    import json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral", **extra}))
+    base = {"algorithm": "dpo", "model": {"path": str(tmp_path)},
+            "data": {"max_length": 512, "train": str(tmp_path / "train.jsonl")}}
+    for overrides in ([], ["model.attn_implementation=sdpa"]):
+        cfg = RunConfig.from_dict(base, overrides)
+        if allowed or overrides:  # sdpa pads each sequence: every family runs
+            cfg._check_varlen(tmp_path)
+            continue
+        with pytest.raises(ConfigError, match=f"varlen cannot run .*{cause}.*"
+                                              f"model.attn_implementation=sdpa"):
+            cfg._check_varlen(tmp_path)

@@ -83,18 +83,35 @@ def test_one_row_gradients_equal_padded_ones(lms):
     sdpa.zero_grad(set_to_none=True)
 
 
-# a sampled group's responses that all ran to the token limit: neighbours of one length
+# sampled groups: responses of one prompt side by side (its prompt laid out once, the rest
+# branches off it), some of one length; then whole sequences of one length, prompts apart
 EQUAL = [([5, 6, 7], [8, 9]), ([5, 6, 7], [10, 11]), ([5, 6, 7], [12, 13]), ([1], [2, 3]),
-         ([4, 5], [6, 7, 8]), ([4, 5], [9, 9, 9])]
+         ([4, 5], [6, 7, 8]), ([4, 5], [9, 9, 9]), ([1, 2], [3, 4]), ([2, 1], [3, 4]),
+         ([3], [4, 5, 6])]
+
+
+def test_one_row_lays_a_shared_prompt_out_once():
+    inp = build_inputs(EQUAL[:3] + [([5, 6, 7], [])] + [([5, 6, 7], [1])], "one_row")
+    # the first sample whole, the next two as branches; a sample with no response is laid
+    # out whole (nothing to branch) and the sample after it branches off that one
+    assert inp.input_ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 5, 6, 7, 1]]
+    assert inp.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 3, 4, 0, 1, 2, 3]]
+    # each branch's first token is predicted from the prompt's last position (2, or 11)
+    assert inp.keep.tolist() == [2, 3, 2, 5, 2, 7, 11]
+    assert inp.targets.tolist() == [8, 9, 10, 11, 12, 13, 1]
+    assert inp.owner.tolist() == [0, 0, 1, 1, 2, 2, 4] and inp.last.tolist() == [4, 6, 8, 11, 12]
 
 
 def test_runs_of_equal_sequences():
     inp = build_inputs(EQUAL, "one_row")
     pieces = packed_attention._pieces(inp.position_ids)
-    assert packed_attention._runs(pieces) == [(0, 3), (3, 1), (4, 2)]
-    # a sequence that a branch continues stays alone, and so does the branch
-    assert packed_attention._runs([(4, 0, 0), (4, 1, 0), (2, 1, 2), (4, 3, 0)]) == \
-        [(0, 1), (1, 1), (2, 1), (3, 1)]
+    assert pieces == [(5, 0, 0), (2, 0, 3), (2, 0, 3), (3, 3, 0), (5, 4, 0), (3, 4, 2),
+                      (4, 6, 0), (4, 7, 0), (4, 8, 0)]
+    # branches of one prompt batch together, and whole sequences that no branch continues
+    assert packed_attention._runs(pieces) == [(0, 1), (1, 2), (3, 1), (4, 1), (5, 1), (6, 3)]
+    # a sequence that a branch continues stays alone, even beside one of its own length
+    assert packed_attention._runs([(4, 0, 0), (4, 1, 0), (2, 1, 2), (2, 1, 2), (4, 4, 0)]) == \
+        [(0, 1), (1, 1), (2, 2), (4, 1)]
 
 
 def test_equal_sequences_in_one_call_equal_each_alone_with_gradients(lms):
@@ -105,7 +122,7 @@ def test_equal_sequences_in_one_call_equal_each_alone_with_gradients(lms):
     for model, inputs in ((varlen, build_inputs(EQUAL, "one_row")),
                           (sdpa, build_inputs(EQUAL, False))):
         model.zero_grad(set_to_none=True)
-        (sequence_logprobs(model, inputs)[0] * torch.arange(1.0, 7.0)).sum().backward()
+        (sequence_logprobs(model, inputs)[0] * torch.arange(1.0, 10.0)).sum().backward()
     for (name, a), (_, b) in zip(varlen.named_parameters(), sdpa.named_parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
     varlen.zero_grad(set_to_none=True)
@@ -129,6 +146,21 @@ def test_shared_prompt_logprobs_equal_each_sequence_alone(lms):
         shared, counts = sequence_logprobs(varlen, pair_inputs(PAIRS, "one_row"))
     assert counts.tolist() == [len(p.chosen_ids) for p in PAIRS] + [len(p.rejected_ids) for p in PAIRS]
     assert shared.tolist() == pytest.approx(alone(sdpa, pair_sequences(PAIRS)), abs=1e-5)
+
+
+def test_shared_prompt_gradients_equal_padded_ones(lms):
+    """The prompt's last position predicts both responses' first tokens: it is in ``keep``
+    twice, and the last block's parts that run on ``keep`` alone must run on it once (twice
+    doubled its share of their gradients)."""
+    varlen, sdpa = lms
+    weights = torch.arange(1.0, 2 * len(PAIRS) + 1)
+    for model, inputs in ((varlen, pair_inputs(PAIRS, "one_row")), (sdpa, pair_inputs(PAIRS, False))):
+        model.zero_grad(set_to_none=True)
+        (sequence_logprobs(model, inputs)[0] * weights).sum().backward()
+    for (name, a), (_, b) in zip(varlen.named_parameters(), sdpa.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)
+    varlen.zero_grad(set_to_none=True)
+    sdpa.zero_grad(set_to_none=True)
 
 
 def test_shared_prompt_reward_scores_and_gradients():
@@ -164,3 +196,32 @@ def test_generation_falls_back_to_sdpa(lms):
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
     assert (varlen.generate(ids, attention_mask=mask, **kwargs).tolist()
             == sdpa.generate(ids, attention_mask=mask, **kwargs).tolist())
+
+
+def test_sliding_window_longer_than_every_sequence_keeps_the_varlen_path(tmp_path):
+    """A Mistral-style window (4096 in Mistral 7B v0.1) never cuts a short sequence, so rows
+    with shared prompts still take the varlen path; a window that would cut one sends the
+    row to transformers' mask, which cannot show a branch its prompt: refused, not wrong."""
+    from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM
+    for window in (4096, 4):
+        cfg = MistralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                            head_dim=32, max_position_embeddings=128, pad_token_id=0,
+                            eos_token_id=1, bos_token_id=None, sliding_window=window)
+        torch.manual_seed(0)
+        MistralForCausalLM(cfg).save_pretrained(tmp_path / str(window))
+        varlen, sdpa = (AutoModelForCausalLM.from_pretrained(tmp_path / str(window),
+                                                             attn_implementation=a).eval()
+                        for a in ("varlen", "sdpa"))
+        with torch.no_grad():
+            # no branches: transformers' own path (window 4) or ours (4096), both right
+            plain, _ = sequence_logprobs(varlen, build_inputs(SEQS, "one_row"))
+            assert plain.tolist() == pytest.approx(
+                sequence_logprobs(sdpa, build_inputs(SEQS, False))[0].tolist(), abs=1e-5)
+            if window == 4:
+                with pytest.raises(ValueError, match="sliding window of 4 tokens.*sdpa"):
+                    sequence_logprobs(varlen, pair_inputs(PAIRS, "one_row"))
+                continue
+            shared, _ = sequence_logprobs(varlen, pair_inputs(PAIRS, "one_row"))
+            padded, _ = sequence_logprobs(sdpa, pair_inputs(PAIRS, False))
+        assert shared.tolist() == pytest.approx(padded.tolist(), abs=1e-5)
