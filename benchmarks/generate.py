@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--respect-eos", action="store_true",
                    help="stop responses at EOS on both sides (default: ignore EOS if supported)")
     p.add_argument("--backend", default="vllm", choices=("vllm", "hf"),
-                   help="rollout.backend of the engine: vLLM, or transformers generate in the actor")
+                   help="rollout.backend of the engine: vLLM, or a transformers model decoded in the actor")
     p.add_argument("--out", default="runs/bench/generate", help="work dir (model)")
     args = p.parse_args(argv)
     if min(args.prompts, args.max_new_tokens, args.rounds) < 1:
@@ -245,7 +245,8 @@ def report(args, n_params: int, prompts, ro: dict, hf: dict) -> str:
         "|---|---:|---:|---|---:|---:|",
     ]
     kind = (f"vLLM {vllm.__version__}" if args.backend == "vllm"
-            else f"backend hf: transformers {transformers.__version__} generate")
+            else f"backend hf: transformers {transformers.__version__} model, "
+                 f"rayalign's decoding loop")
     engine_name = f"rollout engine (ActorGroup, 1 engine, {CORES} CPUs, {kind})"
     hf_name = (f"HF generate (transformers {transformers.__version__}, {hf['threads']} threads, "
                f"batch {args.prompts})")

@@ -87,6 +87,43 @@ def test_greedy_is_deterministic_without_a_seed(engine):
     assert [s.response_ids for s in a] == [s.response_ids for s in b]
 
 
+def test_greedy_decoding_equals_transformers_generate(engine):
+    """The engine's own decoding loop (a preallocated KV cache, left-padded rows of several
+    lengths) picks the tokens ``generate`` picks, EOS included."""
+    out = engine.generate(PROMPTS, dict(n=1, max_new_tokens=10, temperature=0))
+    for prompt, sample in zip(PROMPTS, out):
+        ref = engine.model.generate(input_ids=torch.tensor([prompt]), do_sample=False,
+                                    max_new_tokens=10, eos_token_id=sorted(engine.eos),
+                                    pad_token_id=engine.pad_id)[0, len(prompt):].tolist()
+        end = next((i + 1 for i, t in enumerate(ref) if t in engine.eos), len(ref))
+        assert sample.response_ids == ref[:end]
+
+
+def test_draws_follow_the_tempered_and_cut_distribution():
+    """One draw per row by inverse CDF: token frequencies over many rows match the softmax
+    after temperature; top-k and top-p leave only the tokens transformers' warpers leave."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from actors.rollout import Sampling
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 2
+    rows = 40000
+    for sp in (Sampling(temperature=1.0), Sampling(temperature=0.5), Sampling(top_k=3),
+               Sampling(top_p=0.6), Sampling(temperature=0.7, top_k=5, top_p=0.8)):
+        scores = logits / sp.temperature
+        if sp.top_k:
+            scores = TopKLogitsWarper(sp.top_k)(None, scores)
+        if sp.top_p < 1:
+            scores = TopPLogitsWarper(sp.top_p)(None, scores)
+        want = torch.softmax(scores, -1)[0]
+        drawn = HFRolloutEngine._draw(logits.expand(rows, -1), sp)
+        seen = torch.bincount(drawn, minlength=12).float() / rows
+        assert set(drawn.tolist()) <= set(want.nonzero().flatten().tolist()), sp  # cut
+        assert set((want > 1e-3).nonzero().flatten().tolist()) <= set(drawn.tolist()), sp
+        assert torch.allclose(seen, want, atol=0.01), (sp, seen, want)
+    assert HFRolloutEngine._draw(logits, Sampling(temperature=0)).item() == logits.argmax().item()
+
+
 def test_stop_string_ends_the_response_at_the_token_that_completes_it(engine):
     out = engine.generate(PROMPTS, dict(n=4, max_new_tokens=24, seed=1, ignore_eos=True))
     # pick a string the unconstrained samples produce, then stop on it
