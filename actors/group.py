@@ -208,12 +208,39 @@ class ActorGroup:
         self.actors = []
 
 
+PEER_GRACE_S = 5.0  # how long a failed call's peers get to show a death behind its error
+
+
+def _dead_peer(call: tuple, peers: list) -> RoleFailure | None:
+    """The death of a replica among ``peers`` ((ref, (call, index, rank)) of the same call),
+    seen within :data:`PEER_GRACE_S`. When a rank of a collective dies, its peers' calls
+    fail too (a connection reset by the dead peer), often before Ray reports the death; the
+    death is the cause to name, not the survivor's error."""
+    group, method = call[:2]
+    rank_of = {ref: k[2] for ref, k in peers}
+    left, end = list(rank_of), time.monotonic() + PEER_GRACE_S
+    while left:
+        ready, left = ray.wait(left, num_returns=1, timeout=max(0.0, end - time.monotonic()),
+                               fetch_local=False)
+        if not ready:
+            return None
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayActorError as exc:
+            return group.failure(rank_of[ready[0]], death_cause(exc), method)
+        except Exception:  # noqa: BLE001  (another survivor's error)
+            pass
+    return None
+
+
 def wait_calls(calls: list[tuple[ActorGroup, str, list]], keep_errors: bool = False) -> list[list]:
     """Wait for several group calls together, each (group, method, refs in rank order) or
     (group, method, refs, the rank of each ref's replica); their results. Raises
     :class:`RoleFailure` for the first replica seen dead, or the first call not done within its
     group's deadline (a hung replica). A method's own exception propagates at once (its peers
-    in a collective would wait for it), or with ``keep_errors`` takes its result's place."""
+    in a collective would wait for it), or with ``keep_errors`` takes its result's place;
+    unless a peer of the same call turns out dead within :data:`PEER_GRACE_S`, whose death
+    is then the failure raised (see :func:`_dead_peer`)."""
     start, owner = time.monotonic(), {}
     results = [[None] * len(call[2]) for call in calls]
     for c, call in enumerate(calls):
@@ -242,6 +269,10 @@ def wait_calls(calls: list[tuple[ActorGroup, str, list]], keep_errors: bool = Fa
                     raise group.failure(rank, death_cause(exc), method) from None
                 except ray.exceptions.RayTaskError as exc:
                     if not keep_errors:
+                        peers = [(r, k) for r, k in owner.items() if k[0] == c and r != ref]
+                        dead = _dead_peer(calls[c], peers)
+                        if dead is not None:
+                            raise dead from None
                         raise
                     results[c][i] = exc
     finally:
