@@ -108,7 +108,6 @@ def agree(pg, rank: int, wanted: bool, slot_bytes: int | None = None,
                 f.truncate(nbytes)  # zeros: the counts start at 0
             data = _map(path, nbytes)
             data[:8].copy_(_stamp(token))
-            Slots(data, slot_bytes).sign(0)
             head[0], head[1] = token, slot_bytes
         except (OSError, RuntimeError) as exc:
             log.info("weight sync: no shared memory on this node (%s); gloo carries the bytes",
@@ -121,10 +120,10 @@ def agree(pg, rank: int, wanted: bool, slot_bytes: int | None = None,
             data = _map(_path(token), _file_bytes(size, pg.size()))
             if not torch.equal(data[:8], _stamp(token)):
                 data = None
-            else:
-                Slots(data, size).sign(rank)
         except (OSError, RuntimeError):  # another node, or a /dev/shm of its own
             data = None
+    if data is not None:  # before the votes: a peer that counts on this one sees its pid
+        Slots(data, size).sign(rank)
     votes = [torch.zeros(1, dtype=torch.int32) for _ in range(pg.size())]
     pg.allgather([votes], [torch.tensor([1 if data is not None else 0], dtype=torch.int32)]).wait()
     if path is not None:
