@@ -7,7 +7,7 @@ default) and the synthetic task's prompts (``orchestrator.synthetic.write_datase
 in ``--out``, then runs GRPO up to six times, one after the other in this process:
 
 * rayalign, for each rollout backend (``--backends``: ``vllm``, a vLLM engine; ``hf``,
-  transformers ``generate`` in the rollout actor) on-policy (``rl.async_rollout: false``, the
+  a transformers model decoded in the rollout actor) on-policy (``rl.async_rollout: false``, the
   default loop) and async (``rl.async_rollout: true``: the engine samples the next step while
   this one scores, trains and syncs): ``orchestrator.train`` with an embedded local Ray, set up
   like ``configs/grpo-tiny.yaml``: 1 policy actor (ZeRO-0; ``--policy-cpus`` torch threads),
@@ -26,7 +26,9 @@ temperature 1, no top-k/top-p cut, the same reward (``orchestrator.synthetic.rew
 decoded completion), the same chat template, group-normalised advantages (mean and std),
 ratio clip 0.2, KL to the reference as a loss term with coefficient 0.01 (k3), lr 2e-3
 constant, grad clip 1.0, float32, no gradient checkpointing, 2 micro-batches of 32 per step
-(one optimizer step per generation batch), one pass over each batch.
+(one optimizer step per generation batch), one pass over each batch. Attention: each
+system's own way of laying out a micro-batch; rayalign's default ``varlen`` (one row without
+padding, each group's prompt once for its 8 samples), TRL's padded rows under ``sdpa``.
 
 Throughput, with the first ``--warmup-steps`` steps left out on every side:
 
@@ -80,7 +82,7 @@ LR, KL_COEF = 2e-3, 0.01
 PHASES = ("generate", "score", "train", "sync")   # work; the rest of a step is orchestration
 ORCH_TARGET = 0.10
 MODES = ("on-policy", "async")
-BACKENDS = ("vllm", "hf")       # rollout.backend: vLLM engine, or transformers generate
+BACKENDS = ("vllm", "hf")       # rollout.backend: vLLM engine, or a transformers model
 REWARD_WINDOW = 3                # steps averaged for the time-to-reward threshold
 
 
@@ -102,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="rayalign loops to run, comma-separated: on-policy, async")
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help="rayalign rollout backends to run, comma-separated: vllm (vLLM engine), "
-                        "hf (transformers generate in the rollout actor)")
+                        "hf (a transformers model decoded in the rollout actor)")
     p.add_argument("--reward-target", type=float, default=0.5,
                    help=f"training reward ({REWARD_WINDOW}-step mean) whose first crossing "
                         "times each system")
@@ -187,7 +189,9 @@ def run_rayalign(args, model_dir: Path, paths: dict[str, Path], mode: str, backe
     cfg = RunConfig.from_dict({
         "algorithm": "grpo",
         "run_dir": str(run_dir),
-        "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "sdpa"},
+        # rayalign's default attention: each micro-batch in one row, a group's prompt laid out
+        # once for its samples (actors/logprobs.py one_row); TRL pads them (sdpa)
+        "model": {"path": str(model_dir), "dtype": "float32", "attn_implementation": "varlen"},
         "data": {"train": str(paths["train"]), "eval": str(paths["eval"]), "max_length": 128},
         "policy": {"actors": 1, "cpus": policy_cpus, "zero_stage": 0, "gradient_checkpointing": False},
         "reference": {"actors": 1, "cpus": ref_cpus},
@@ -421,7 +425,7 @@ def report(args, n_params: int, runs: dict[str, dict], trl_runs: list[dict]) -> 
         if trl_res is not None:
             ratio = (f"**{res['samples_per_s'] / trl_res['samples_per_s']:.2f}x**; "
                      f"{res['samples_per_s_mean'] / trl_res['samples_per_s_mean']:.2f}x")
-        engine = "vLLM" if res["backend"] == "vllm" else "transformers generate"
+        engine = "vLLM" if res["backend"] == "vllm" else "transformers model"
         lines.append(f"| rayalign {mode} (Ray: {engine} rollout x {res['rollout_cpus']} CPU, "
                      f"policy ZeRO-0 x {res['policy_cpus']} CPU, reference, reward) | "
                      f"{res['median_step_s']:.3f} | "
@@ -478,7 +482,7 @@ def report(args, n_params: int, runs: dict[str, dict], trl_runs: list[dict]) -> 
     if trl_res is not None:
         loads += f", TRL {trl_res['load_avg'][0]:.2f}"
     lines += ["", (f"Settings: model {args.size} Llama, {n_params / 1e6:.2f}M parameters, float32, "
-                  f"sdpa; {args.steps} steps, {w} warm-up; max {args.max_new_tokens} new tokens; "
+                  f"attention rayalign varlen, TRL sdpa; {args.steps} steps, {w} warm-up; max {args.max_new_tokens} new tokens; "
                   f"lr {LR:g}"
                   f" constant; KL coef {KL_COEF} (k3, in the loss); micro-batch {MICRO_BATCH}; torch "
                   f"{torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}."),
