@@ -84,22 +84,28 @@ def build_inputs(seqs: list[Sequence], pack: bool | str, pad_id: int = 0) -> Mod
             position_ids[r, col:col + n] = torch.arange(n)
             if mask is not None:
                 mask[r, col:col + n] = 1
-            # position t predicts token t+1: a scored segment at offset o of length m is
-            # predicted from positions o-1 .. o+m-2
-            offset = r * width + col
-            for k, seg in enumerate(seqs[s]):
-                if k % 2:
-                    keep += range(offset - 1, offset + len(seg) - 1)
-                    targets += seg
-                    owner += [s] * len(seg)
-                offset += len(seg)
-            last[s] = offset - 1
+            last[s] = _scored(seqs[s], s, r * width + col, keep, targets, owner) - 1
             col += n
         # the filler at the end of a packed row counts as one more sequence of its own
         position_ids[r, col:] = torch.arange(width - col)
     return ModelInputs(input_ids, position_ids, mask, torch.tensor(keep, dtype=torch.long),
                        torch.tensor(targets, dtype=torch.long), torch.tensor(owner, dtype=torch.long),
                        len(seqs), torch.tensor(last, dtype=torch.long))
+
+
+def _scored(seq: Sequence, s: int, offset: int, keep: list, targets: list,
+            owner: list) -> int:
+    """Note sequence ``s``, laid out from flat index ``offset``: the positions that predict its
+    scored segments' tokens, those tokens and their owner. Returns where it ends."""
+    for k, seg in enumerate(seq):
+        # position t predicts token t+1: a scored segment at offset o of length m is
+        # predicted from positions o-1 .. o+m-2
+        if k % 2:
+            keep += range(offset - 1, offset + len(seg) - 1)
+            targets += seg
+            owner += [s] * len(seg)
+        offset += len(seg)
+    return offset
 
 
 def one_row(seqs: list[Sequence]) -> ModelInputs:
@@ -132,18 +138,10 @@ def one_row(seqs: list[Sequence]) -> ModelInputs:
             owner += [s] * len(response)
             last[s] = start + len(response) - 1
             continue
-        offset = start
-        for k, seg in enumerate(seq):
-            # position t predicts token t+1: a scored segment at offset o of length m is
-            # predicted from positions o-1 .. o+m-2
-            if k % 2:
-                keep += range(offset - 1, offset + len(seg) - 1)
-                targets += seg
-                owner += [s] * len(seg)
-            ids += seg
-            offset += len(seg)
-        pos += range(offset - start)
-        last[s] = offset - 1
+        end = _scored(seq, s, start, keep, targets, owner)
+        ids += [t for seg in seq for t in seg]
+        pos += range(end - start)
+        last[s] = end - 1
         root = (list(seq[0]), start) if len(seq) == 2 and len(seq[0]) else None
     row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
     return ModelInputs(row(ids), row(pos), None, torch.tensor(keep, dtype=torch.long),
