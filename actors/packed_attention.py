@@ -16,9 +16,10 @@ the first k tokens of the current sequence and then itself (``pair_inputs`` lays
 pair out as prompt, chosen, rejected with the rejected positions continuing from the prompt, so
 the prompt goes through the model once for both responses).
 
-Anything else, a batch of several rows, a step with a KV cache (generation), dropout, a
-sliding window shorter than a sequence of the row, or logit soft-capping, goes to transformers'
-own SDPA path with the mask transformers builds for it (the SDPA mask function is registered
+A decoding step (one query per row over a KV cache) is two matrix products, which a CPU runs
+in about half the time of SDPA's kernel for a single query (``_attend_one``). Anything else, a
+batch of several rows, a prefill with a KV cache, dropout, a sliding window shorter than a
+sequence of the row, or logit soft-capping, goes to transformers' own SDPA path with the mask transformers builds for it (the SDPA mask function is registered
 under the same name), so a model loaded with ``varlen`` behaves like ``sdpa`` outside packed
 forwards. That mask starts a new sequence at every break in the positions, so a branch there
 would not see its prompt: a row with branches that cannot take this function's path is
@@ -147,10 +148,37 @@ def _unsupported(layout: Layout, kwargs, module, dropout) -> str | None:
     return next((reason for reason, present in why.items() if present), None)
 
 
+def _decoding(query, kwargs, module, dropout) -> bool:
+    """Whether this call is a decoding step (one query per row, the row's last position, over
+    the keys of the positions before it) that :func:`_attend_one` can take."""
+    return (query.shape[2] == 1 and not dropout
+            and not kwargs.get("sliding_window") and not kwargs.get("softcap")
+            and kwargs.get("position_bias") is None and getattr(module, "is_causal", True))
+
+
+def _attend_one(query, key, value, attention_mask, scaling) -> torch.Tensor:
+    """One decoding step's attention as two matrix products, [rows, 1, heads, dim]: SDPA's
+    CPU kernel takes about twice as long for a single query (0.6 against 1.3 ms for 64 rows
+    x 8 heads over 88 cached positions). A query head attends with its group's key head."""
+    rows, heads, _, dim = query.shape
+    groups = key.shape[1]
+    q = query.reshape(rows, groups, heads // groups, dim)
+    scores = torch.matmul(q, key.transpose(-1, -2)) * (dim ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # [rows, 1, 1, keys]: bool (True attends) or additive
+        mask = attention_mask[:, :, :, :key.shape[2]]
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask)
+    out = torch.matmul(torch.softmax(scores, -1, dtype=torch.float32).to(value.dtype), value)
+    return out.view(rows, 1, heads, dim)
+
+
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0,
                      scaling: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
-    """Causal attention within each sequence of a packed row (see the module docstring)."""
+    """Causal attention within each sequence of a packed row (see the module docstring); a
+    decoding step (one query per row over a KV cache) by :func:`_attend_one`."""
+    if _decoding(query, kwargs, module, dropout):
+        return _attend_one(query, key, value, attention_mask, scaling), None
     position_ids = kwargs.get("position_ids")
     layout = _layout(position_ids) if _one_row(query, key, position_ids) else None
     why = _unsupported(layout, kwargs, module, dropout) if layout is not None else "no row"

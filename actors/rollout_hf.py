@@ -44,13 +44,15 @@ class HFRolloutEngine(EngineBase):
         super().__init__(rank, world_size, settings)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from actors.runtime import DTYPES, set_threads
+        from actors.runtime import DTYPES, attention, set_threads
         s = settings
         set_threads(s.cpus)
         t0 = time.perf_counter()
         try:
+            # varlen: transformers' sdpa, but a decoding step's attention is two matrix
+            # products (actors/packed_attention.py _attend_one), about twice as fast on a CPU
             model = AutoModelForCausalLM.from_pretrained(
-                s.model_path, dtype=DTYPES[s.dtype], attn_implementation="sdpa",
+                s.model_path, dtype=DTYPES[s.dtype], attn_implementation=attention("varlen"),
                 trust_remote_code=s.trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(s.model_path,
                                                       trust_remote_code=s.trust_remote_code)
@@ -60,7 +62,7 @@ class HFRolloutEngine(EngineBase):
         model.eval().requires_grad_(False)
         torch.manual_seed(s.seed + rank)  # unseeded calls draw their seeds from here
         self._adopt(model, tokenizer)
-        log.info("rollout engine %d up in %.1fs (%s, transformers generate, %d threads)", rank,
+        log.info("rollout engine %d up in %.1fs (%s, transformers, %d threads)", rank,
                  time.perf_counter() - t0, s.model_path, torch.get_num_threads())
 
     @classmethod
@@ -149,17 +151,18 @@ class HFRolloutEngine(EngineBase):
         transformers' ``generate`` does the same with more around each step: a KV cache
         grown by concatenation (every layer's keys and values copied again each step), and
         sampling by ``multinomial``, which draws one exponential per vocabulary entry and row
-        where one uniform per row is enough. Here the cache is allocated once, and each token
-        is drawn by inverse CDF (its cumulative probabilities searched for one uniform draw):
-        the same distribution, from the same global generator. At the benchmark's size this
-        takes a third less time than ``generate`` (benchmarks/rl_step.py, README).
+        where one uniform per row is enough. Here the cache is allocated once and each step
+        attends over its filled part only (actors/decode_cache.py), rows that repeat a prompt
+        share one prefill, and each token is drawn by inverse CDF (its cumulative
+        probabilities searched for one uniform draw): the same distribution, from the same
+        global generator. At the benchmark's size this takes a third less time than
+        ``generate`` (benchmarks/rl_step.py, README).
         """
-        from transformers import DynamicCache, StaticCache
+        from actors.decode_cache import decode_cache
         model, rows, width = self.model, ids.shape[0], ids.shape[1]
         device = next(model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
-        cache = (StaticCache(config=model.config, max_cache_len=width + steps)
-                 if getattr(model, "_can_compile_fullgraph", False) else DynamicCache())
+        cache = decode_cache(model, width + steps)
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         cache_position = torch.arange(width, device=device)
         tokens = torch.full((rows, steps), self.pad_id, dtype=torch.long, device=device)
@@ -167,11 +170,20 @@ class HFRolloutEngine(EngineBase):
         live = torch.ones(rows, dtype=torch.bool, device=device)
         eos = (None if sp.ignore_eos or not self.eos
                else torch.tensor(sorted(self.eos), device=device))
-        step_ids = ids
+        # a prompt repeated over rows (a group's n samples) is prefilled once, and the cache
+        # then widened to one row per sample
+        _, row_of = torch.unique(torch.cat([ids, mask], 1), dim=0, return_inverse=True)
+        firsts = torch.full((int(row_of.max()) + 1,), rows, device=device).scatter_reduce_(
+            0, row_of, torch.arange(rows, device=device), "amin")
+        shared = len(firsts) < rows
+        pick = firsts if shared else slice(None)
+        logits = model(input_ids=ids[pick], attention_mask=mask[pick], position_ids=position[pick],
+                       past_key_values=cache, cache_position=cache_position, use_cache=True,
+                       logits_to_keep=1).logits[:, -1].float()
+        if shared:
+            cache.batch_select_indices(row_of)
+            logits = logits[row_of]
         for t in range(steps):
-            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=position,
-                           past_key_values=cache, cache_position=cache_position,
-                           use_cache=True, logits_to_keep=1).logits[:, -1].float()
             nxt = torch.where(live, self._draw(logits, sp), self.pad_id)
             tokens[:, t] = nxt
             # the log-prob under the raw (untempered, unfiltered) distribution
@@ -182,11 +194,13 @@ class HFRolloutEngine(EngineBase):
                 for i in live.nonzero().flatten().tolist():
                     text = self.tokenizer.decode(tokens[i, :t + 1].tolist())
                     live[i] = not any(s in text for s in sp.stop)
-            if not live.any():
+            if t == steps - 1 or not live.any():
                 break
-            step_ids, position = nxt[:, None], position[:, -1:] + 1
-            cache_position = cache_position[-1:] + 1
+            position, cache_position = position[:, -1:] + 1, cache_position[-1:] + 1
             mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
+                           past_key_values=cache, cache_position=cache_position,
+                           use_cache=True, logits_to_keep=1).logits[:, -1].float()
         return tokens.cpu(), picked.cpu()
 
     @staticmethod

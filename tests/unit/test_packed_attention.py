@@ -225,3 +225,19 @@ def test_sliding_window_longer_than_every_sequence_keeps_the_varlen_path(tmp_pat
             shared, _ = sequence_logprobs(varlen, pair_inputs(PAIRS, "one_row"))
             padded, _ = sequence_logprobs(sdpa, pair_inputs(PAIRS, False))
         assert shared.tolist() == pytest.approx(padded.tolist(), abs=1e-5)
+
+
+def test_a_decoding_step_attends_like_sdpa():
+    """One query per row over cached keys (grouped heads, left padding, no mask, a bool or an
+    additive mask): the varlen function's two-product path gives sdpa's output."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    torch.manual_seed(0)
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 2
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 7, 16), torch.randn(3, 2, 7, 16)
+    keep = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7, [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    for mask in (None, keep[:, None, None], torch.where(keep, 0.0, float("-inf"))[:, None, None]):
+        want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+        got, _ = packed_attention.varlen_attention(module, q, k, v, mask, scaling=0.3)
+        assert got.shape == want.shape == (3, 1, 4, 16)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)

@@ -216,3 +216,23 @@ def test_config_refuses_what_the_hf_backend_cannot_do(overrides, key):
             "rl": {"prompts_per_step": 2, "group_size": 2}, "train": {"batch_size": 4}}
     with pytest.raises(ConfigError, match=key):
         RunConfig.from_dict(base, overrides)
+
+
+def test_rows_of_one_prompt_share_its_prefill(engine):
+    """A prompt sampled n times goes through the model once and its cache is widened to the n
+    rows (actors/decode_cache.py): greedy rows equal the prompt decoded alone, with the same
+    log-probs, and sampled rows carry their own tokens' log-probs."""
+    from actors.decode_cache import FilledLayer, decode_cache
+    assert all(isinstance(layer, FilledLayer)
+               for layer in decode_cache(engine.model, 8).layers)
+    greedy = dict(max_new_tokens=8, temperature=0, ignore_eos=True)
+    alone = engine.generate(PROMPTS, dict(n=1, **greedy))
+    shared = engine.generate(PROMPTS, dict(n=3, **greedy))
+    for i, s in enumerate(shared):
+        ref = alone[i // 3]
+        assert s.response_ids == ref.response_ids
+        assert max(abs(a - b) for a, b in zip(s.logprobs, ref.logprobs)) < 1e-5
+    sampled = engine.generate(PROMPTS, dict(n=4, max_new_tokens=8, seed=2, ignore_eos=True))
+    assert len({tuple(s.response_ids) for s in sampled[:4]}) > 1
+    scored = engine.logprobs([(s.prompt_ids, s.response_ids) for s in sampled])
+    assert max(abs(a - b) for s, lp in zip(sampled, scored) for a, b in zip(s.logprobs, lp)) < 1e-4
