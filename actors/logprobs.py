@@ -416,21 +416,14 @@ def pair_inputs(pairs, pack: bool | str, pad_id: int = 0) -> ModelInputs:
     """
     if pack != "one_row":
         return build_inputs(pair_sequences(pairs), pack, pad_id)
-    n = len(pairs)
-    ids, pos, keep, targets, owner, last = [], [], [], [], [], [0] * (2 * n)
-    for i, ex in enumerate(pairs):
-        p, c, r = ex.prompt_ids, ex.chosen_ids, ex.rejected_ids
-        start, branch = len(ids), len(ids) + len(p) + len(c)
-        ids += p + c + r
-        pos += [*range(len(p) + len(c)), *range(len(p), len(p) + len(r))]
-        keep += range(start + len(p) - 1, branch - 1)                    # chosen
-        keep += [start + len(p) - 1, *range(branch, branch + len(r) - 1)]  # rejected
-        targets += c + r
-        owner += [i] * len(c) + [n + i] * len(r)
-        last[i], last[n + i] = branch - 1, branch + len(r) - 1
-    row = lambda xs: torch.tensor([xs], dtype=torch.long)  # noqa: E731
-    return ModelInputs(row(ids), row(pos), None, torch.tensor(keep), torch.tensor(targets),
-                       torch.tensor(owner), 2 * n, torch.tensor(last))
+    # each pair's chosen then its rejected, side by side: one_row makes the rejected a branch
+    inputs = one_row([seq for ex in pairs for seq in ((ex.prompt_ids, ex.chosen_ids),
+                                                      (ex.prompt_ids, ex.rejected_ids))])
+    # renumber to pair_sequences' order: sequence 2i is chosen i, 2i + 1 rejected i (n + i)
+    n, owner = len(pairs), inputs.owner
+    inputs.owner = torch.where(owner % 2 == 0, owner // 2, n + owner // 2)
+    inputs.last = torch.cat([inputs.last[0::2], inputs.last[1::2]])
+    return inputs
 
 
 @torch.no_grad()

@@ -222,7 +222,9 @@ class RolloutEngine(EngineBase):
         if s.max_num_seqs is not None:
             kwargs["max_num_seqs"] = s.max_num_seqs
         if s.weight_sync:
-            kwargs["weight_transfer_config"] = {"backend": s.weight_backend}
+            from actors.weight_sync_nccl import BACKEND as NCCL, VLLM_BACKEND
+            kwargs["weight_transfer_config"] = {
+                "backend": VLLM_BACKEND if s.weight_backend == NCCL else s.weight_backend}
         if s.sleep:
             kwargs["enable_sleep_mode"] = True
         if not _has_gpu():
@@ -292,7 +294,7 @@ class RolloutEngine(EngineBase):
             from actors.weight_sync_nccl import engine_init_payload
             from actors.weight_sync import DEFAULT_BUCKET_BYTES
             payload = engine_init_payload(master_address, master_port, rank_offset, world_size,
-                                          bucket_bytes or DEFAULT_BUCKET_BYTES)
+                                          bucket_bytes or DEFAULT_BUCKET_BYTES, timeout_s)
         else:
             payload = dict(master_address=master_address, master_port=master_port,
                            rank_offset=rank_offset, world_size=world_size, timeout_s=timeout_s)

@@ -127,6 +127,8 @@ class HFRolloutEngine(EngineBase):
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
         caps = [min(sp.max_new_tokens, limit - len(r)) for r in rows]
+        device = next(self.model.parameters()).device  # the trainer's, in the hybrid engine
+        ids, mask = ids.to(device), mask.to(device)
         # both samplers draw from torch's global generator: lend it this call's state
         saved = torch.random.get_rng_state()
         torch.random.set_rng_state(generator.get_state())
@@ -160,8 +162,7 @@ class HFRolloutEngine(EngineBase):
         """
         from actors.decode_cache import decode_cache
         model, rows, width = self.model, ids.shape[0], ids.shape[1]
-        device = next(model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
+        device = ids.device
         cache = decode_cache(model, width + steps)
         position = (mask.cumsum(-1) - 1).clamp(min=0)
         cache_position = torch.arange(width, device=device)
@@ -236,8 +237,7 @@ class HFRolloutEngine(EngineBase):
             max_new_tokens=steps, eos_token_id=None if sp.ignore_eos else sorted(self.eos),
             pad_token_id=self.pad_id, output_logits=True, return_dict_in_generate=True,
             stop_strings=list(sp.stop) or None)
-        device = next(self.model.parameters()).device
-        out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+        out = self.model.generate(input_ids=ids, attention_mask=mask,
                                   generation_config=config,
                                   tokenizer=self.tokenizer if sp.stop else None,
                                   synced_gpus=True)

@@ -153,7 +153,28 @@ def _engine_classes():
             if batch:
                 self.model.load_weights(batch)
 
-    return GlooInitInfo, GlooUpdateInfo, GlooWeightTransferEngine, LocalWeightTransferEngine
+    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+    @dataclass(kw_only=True)
+    class TimedNCCLInitInfo(NCCLWeightTransferInitInfo):
+        """vLLM's NCCL rendezvous, and how long to wait for the group (weight_sync.timeout_s)."""
+        store_timeout_s: float = 300.0
+
+    class TimedNCCLWeightTransferEngine(NCCLWeightTransferEngine):
+        """vLLM's NCCL engine; only its rendezvous differs (actors/weight_sync_nccl.py ``join``):
+        vLLM's waits a fixed 300 s for the trainer, whatever the run's deadlines say."""
+        init_info_cls = TimedNCCLInitInfo
+
+        def init_transfer_engine(self, init_info: TimedNCCLInitInfo) -> None:
+            from actors.weight_sync_nccl import join
+            self.packed = init_info.packed
+            self.packed_buffer_size_bytes = init_info.packed_buffer_size_bytes
+            self.packed_num_buffers = init_info.packed_num_buffers
+            self.model_update_group = join(init_info, self.parallel_config)
+
+    return (GlooInitInfo, GlooUpdateInfo, GlooWeightTransferEngine, LocalWeightTransferEngine,
+            TimedNCCLWeightTransferEngine)
 
 
 class WeightSyncExtension:
@@ -170,13 +191,16 @@ class WeightSyncExtension:
 
 
 def register() -> None:
-    """Register ``rayalign_gloo`` and ``rayalign_local`` in vLLM's factory (idempotent);
-    needs vLLM installed."""
+    """Register ``rayalign_gloo``, ``rayalign_local`` and ``rayalign_nccl`` in vLLM's factory
+    (idempotent); needs vLLM installed."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from actors.weight_sync_nccl import VLLM_BACKEND
     if BACKEND not in WeightTransferEngineFactory._registry:
         classes = _engine_classes()
         WeightTransferEngineFactory.register_engine(BACKEND, classes[2])
         WeightTransferEngineFactory.register_engine(LOCAL, classes[3])
+        WeightTransferEngineFactory.register_engine(VLLM_BACKEND, classes[4])
 
 
 if "vllm" in sys.modules:

@@ -1,8 +1,9 @@
 """Trainer => rollout-engine weight sync on GPU, through vLLM's own NCCL weight-transfer engine.
 
-When the policy and the engines hold GPUs, the engines are built with vLLM's ``nccl``
-weight-transfer backend and the trainer's rank 0 joins their NCCL group as rank 0 (a
-``PyNcclCommunicator`` opened with vLLM's ``trainer_init``); parameters go out with vLLM's
+When the policy and the engines hold GPUs, the engines are built with vLLM's NCCL
+weight-transfer engine (registered as ``rayalign_nccl``: vLLM's, with the rendezvous waiting
+``weight_sync.timeout_s`` instead of a fixed 300 s) and the trainer's rank 0 joins their NCCL
+group as rank 0 (a ``PyNcclCommunicator``, as vLLM's ``trainer_init`` opens it); parameters go out with vLLM's
 packed producer, in buffers of ``weight_sync.bucket_mb`` that the engines are told about when
 the group is built (both sides must agree on them). Every trainer rank still walks the
 parameters, so ZeRO-3's per-module gathers stay collective; only rank 0 broadcasts.
@@ -18,21 +19,57 @@ from typing import Iterable
 
 import torch
 
-BACKEND = "nccl"
+BACKEND = "nccl"            # rayalign's name for this path (weight_sync.backend_for)
+VLLM_BACKEND = "rayalign_nccl"  # vLLM's NCCL engine with our rendezvous timeout
 NUM_BUFFERS = 2
 
 log = logging.getLogger(__name__)
 
 
 def engine_init_payload(master_address: str, master_port: int, rank_offset: int,
-                        world_size: int, bucket_bytes: int) -> dict:
-    """What an engine's workers get in ``init_weight_transfer_engine`` for the NCCL backend."""
+                        world_size: int, bucket_bytes: int, timeout_s: float = 300.0) -> dict:
+    """What an engine's workers get in ``init_weight_transfer_engine`` for the NCCL backend:
+    vLLM's payload and the rendezvous timeout (``weight_sync.timeout_s``)."""
     from vllm.distributed.weight_transfer.nccl_common import (NCCLWeightTransferInitInfo,
                                                                worker_init_payload)
-    return worker_init_payload(NCCLWeightTransferInitInfo(
+    payload = worker_init_payload(NCCLWeightTransferInitInfo(
         master_address=master_address, master_port=master_port, rank_offset=rank_offset,
         world_size=world_size, packed=True, packed_buffer_size_bytes=bucket_bytes,
         packed_num_buffers=NUM_BUFFERS))
+    return {**payload, "store_timeout_s": timeout_s}
+
+
+def rendezvous(master_address: str, master_port: int, rank: int, world_size: int,
+               timeout_s: float):
+    """vLLM's stateless group (a TCP store; rank 0 hosts it) with ``timeout_s`` for the
+    others to arrive, where vLLM's own NCCL engine waits a fixed 300 s. A member that is not
+    there in time is an error naming the address and the setting."""
+    from vllm.distributed.utils import StatelessProcessGroup
+
+    from actors.weight_sync import WeightSyncError
+    try:
+        return StatelessProcessGroup.create(host=master_address, port=master_port, rank=rank,
+                                            world_size=world_size,
+                                            store_timeout=max(1, int(timeout_s)))
+    except Exception as e:
+        raise WeightSyncError(
+            f"weight sync (nccl): rank {rank} of {world_size} could not meet the group at "
+            f"{master_address}:{master_port} within weight_sync.timeout_s={timeout_s:g}s "
+            f"({type(e).__name__}: {e})") from e
+
+
+def join(init_info, parallel_config):
+    """An engine worker's end of the trainer<->engines NCCL group: vLLM's own
+    ``worker_init_process_group`` (the same rank, trainer at 0), with the rendezvous timeout
+    the init payload carries."""
+    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+    from vllm.distributed.weight_transfer.nccl_common import unpinned_nccl_env
+    pc = parallel_config
+    rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
+    pg = rendezvous(init_info.master_address, init_info.master_port, rank,
+                    init_info.world_size, init_info.store_timeout_s)
+    with unpinned_nccl_env():
+        return PyNcclCommunicator(pg, device=torch.accelerator.current_device_index())
 
 
 def update_payload(info: dict) -> dict:
@@ -46,17 +83,14 @@ def open_sender(master_address: str, master_port: int, world_size: int,
     """Trainer rank 0's end of the trainer<->engines NCCL group (the engines join at once).
 
     What vLLM's ``trainer_init`` does, but with the rendezvous store waiting
-    ``weight_sync.timeout_s`` (vLLM's own waits a fixed 300 s; the engines' side still does,
-    and the driver's deadlines bound both)."""
+    ``weight_sync.timeout_s`` (vLLM's own waits a fixed 300 s; the engines' side, :func:`join`,
+    waits the same setting)."""
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.utils import StatelessProcessGroup
     from vllm.distributed.weight_transfer.nccl_common import unpinned_nccl_env
     if not torch.cuda.is_available():
         raise RuntimeError("weight sync backend 'nccl' needs a GPU on the policy trainer; set "
                            "policy.gpus > 0 or run the engines on CPU (rollout.gpus: 0)")
-    pg = StatelessProcessGroup.create(host=master_address, port=master_port, rank=0,
-                                      world_size=world_size,
-                                      store_timeout=max(1, int(timeout_s)))
+    pg = rendezvous(master_address, master_port, 0, world_size, timeout_s)
     with unpinned_nccl_env():
         return PyNcclCommunicator(pg, device=torch.accelerator.current_device_index())
 
