@@ -16,14 +16,15 @@ the first k tokens of the current sequence and then itself (``pair_inputs`` lays
 pair out as prompt, chosen, rejected with the rejected positions continuing from the prompt, so
 the prompt goes through the model once for both responses).
 
-A decoding step (one query per row over a KV cache) is two matrix products, which a CPU runs
-in about half the time of SDPA's kernel for a single query (``_attend_one``). Anything else, a
+A decoding step (one query per row over a KV cache) is two matrix products, which a CPU runs in
+about half the time of SDPA's kernel for a single query (``_attend_one``). Anything else, a
 batch of several rows, a prefill with a KV cache, dropout, a sliding window shorter than a
-sequence of the row, or logit soft-capping, goes to transformers' own SDPA path with the mask transformers builds for it (the SDPA mask function is registered
-under the same name), so a model loaded with ``varlen`` behaves like ``sdpa`` outside packed
-forwards. That mask starts a new sequence at every break in the positions, so a branch there
-would not see its prompt: a row with branches that cannot take this function's path is
-refused with an error naming the reason, never computed wrong.
+sequence of the row, or logit soft-capping, goes to transformers' own SDPA path with the mask
+transformers builds for it (the SDPA mask function is registered under the same name), so a
+model loaded with ``varlen`` behaves like ``sdpa`` outside packed forwards. That mask starts a
+new sequence at every break in the positions, so a branch there would not see its prompt: a row
+with branches that cannot take this function's path is refused with an error naming the reason,
+never computed wrong.
 """
 from __future__ import annotations
 

@@ -3,10 +3,10 @@
 When the policy and the engines hold GPUs, the engines are built with vLLM's NCCL
 weight-transfer engine (registered as ``rayalign_nccl``: vLLM's, with the rendezvous waiting
 ``weight_sync.timeout_s`` instead of a fixed 300 s) and the trainer's rank 0 joins their NCCL
-group as rank 0 (a ``PyNcclCommunicator``, as vLLM's ``trainer_init`` opens it); parameters go out with vLLM's
-packed producer, in buffers of ``weight_sync.bucket_mb`` that the engines are told about when
-the group is built (both sides must agree on them). Every trainer rank still walks the
-parameters, so ZeRO-3's per-module gathers stay collective; only rank 0 broadcasts.
+group as rank 0 (a ``PyNcclCommunicator``, as vLLM's ``trainer_init`` opens it); parameters go
+out with vLLM's packed producer, in buffers of ``weight_sync.bucket_mb`` that the engines are
+told about when the group is built (both sides must agree on them). Every trainer rank still
+walks the parameters, so ZeRO-3's per-module gathers stay collective; only rank 0 broadcasts.
 
 The three payloads below are plain dicts, so the driver and the engine actor can build them
 without CUDA; the functions that move bytes import vLLM lazily and need a GPU.
