@@ -65,6 +65,13 @@ def refresh_shared_layers(model: torch.nn.Module) -> int:
     return refreshed
 
 
+def _member_rank(init_info, parallel_config) -> int:
+    """A vLLM worker's rank in the trainer<->engines group: after the ranks before its engine
+    (``rank_offset``), its data-parallel replica's workers, then its own rank in the replica."""
+    pc = parallel_config
+    return init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
+
+
 def _engine_classes():
     """Define the vLLM-side classes (vLLM is imported only where an engine runs)."""
     from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightTransferInitInfo,
@@ -98,9 +105,8 @@ def _engine_classes():
             self.report: dict = {}
 
         def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-            pc = self.parallel_config
-            rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
-            self.group = open_group(init_info.master_address, init_info.master_port, rank,
+            self.group = open_group(init_info.master_address, init_info.master_port,
+                                    _member_rank(init_info, self.parallel_config),
                                     init_info.world_size, init_info.timeout_s)
 
         def start_weight_update(self) -> None:
@@ -171,7 +177,8 @@ def _engine_classes():
             self.packed = init_info.packed
             self.packed_buffer_size_bytes = init_info.packed_buffer_size_bytes
             self.packed_num_buffers = init_info.packed_num_buffers
-            self.model_update_group = join(init_info, self.parallel_config)
+            self.model_update_group = join(init_info,
+                                           _member_rank(init_info, self.parallel_config))
 
     return (GlooInitInfo, GlooUpdateInfo, GlooWeightTransferEngine, LocalWeightTransferEngine,
             TimedNCCLWeightTransferEngine)

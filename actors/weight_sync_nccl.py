@@ -8,7 +8,7 @@ out with vLLM's packed producer, in buffers of ``weight_sync.bucket_mb`` that th
 told about when the group is built (both sides must agree on them). Every trainer rank still
 walks the parameters, so ZeRO-3's per-module gathers stay collective; only rank 0 broadcasts.
 
-The three payloads below are plain dicts, so the driver and the engine actor can build them
+The payloads below are plain dicts, so the driver and the engine actor can build them
 without CUDA; the functions that move bytes import vLLM lazily and need a GPU.
 """
 from __future__ import annotations
@@ -58,16 +58,17 @@ def rendezvous(master_address: str, master_port: int, rank: int, world_size: int
             f"({type(e).__name__}: {e})") from e
 
 
-def join(init_info, parallel_config):
-    """An engine worker's end of the trainer<->engines NCCL group: vLLM's own
-    ``worker_init_process_group`` (the same rank, trainer at 0), with the rendezvous timeout
-    the init payload carries."""
+def join(init_info, rank: int):
+    """An engine worker's end of the trainer<->engines NCCL group, as ``rank`` (the trainer is
+    0), with the rendezvous timeout the init payload carries."""
+    return _communicator(rendezvous(init_info.master_address, init_info.master_port, rank,
+                                    init_info.world_size, init_info.store_timeout_s))
+
+
+def _communicator(pg):
+    """vLLM's NCCL communicator over a met group, on this process's current device."""
     from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
     from vllm.distributed.weight_transfer.nccl_common import unpinned_nccl_env
-    pc = parallel_config
-    rank = init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank
-    pg = rendezvous(init_info.master_address, init_info.master_port, rank,
-                    init_info.world_size, init_info.store_timeout_s)
     with unpinned_nccl_env():
         return PyNcclCommunicator(pg, device=torch.accelerator.current_device_index())
 
@@ -85,14 +86,10 @@ def open_sender(master_address: str, master_port: int, world_size: int,
     What vLLM's ``trainer_init`` does, but with the rendezvous store waiting
     ``weight_sync.timeout_s`` (vLLM's own waits a fixed 300 s; the engines' side, :func:`join`,
     waits the same setting)."""
-    from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-    from vllm.distributed.weight_transfer.nccl_common import unpinned_nccl_env
     if not torch.cuda.is_available():
         raise RuntimeError("weight sync backend 'nccl' needs a GPU on the policy trainer; set "
                            "policy.gpus > 0 or run the engines on CPU (rollout.gpus: 0)")
-    pg = rendezvous(master_address, master_port, 0, world_size, timeout_s)
-    with unpinned_nccl_env():
-        return PyNcclCommunicator(pg, device=torch.accelerator.current_device_index())
+    return _communicator(rendezvous(master_address, master_port, 0, world_size, timeout_s))
 
 
 def check_plan(own: dict, info: dict) -> None:
