@@ -161,6 +161,11 @@ class ActorGroup:
         self._rows[ref] = len(shard)
         return ref
 
+    def stream(self, actor, method: str, shard, *args, **kwargs):
+        """One replica's part of a SCATTER call to a generator method, started on ``actor``:
+        Ray's ``ObjectRefGenerator`` of what it yields (orchestrator/streams.py waits on it)."""
+        return getattr(actor, method).remote(shard, *args, **kwargs)
+
     def deadline(self, refs: list) -> float:
         """Seconds a wait on ``refs`` may take: the role's base plus its per-row share."""
         return self.deadline_s + self.deadline_per_row_s * max(

@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, fields
+from typing import Iterator
 
 from actors.group import ALL, SCATTER, Measured, dispatch
 
@@ -167,6 +168,39 @@ class EngineBase(Measured):
                         if i in skipped else outputs[i])
         return samples
 
+    @dispatch(SCATTER)
+    def generate_stream(self, prompts: list[list[int]], sampling: dict | Sampling | None = None,
+                        groups: int = 1, positions: list[int] | None = None
+                        ) -> Iterator[tuple[list[int], list[RolloutSample]]]:
+        """:meth:`generate`, handed back as it finishes (``rollout.stream_groups``): yields
+        ``(positions, samples)`` each time ``groups`` more prompts have all ``sampling.n`` of
+        their samples (whatever is left at the end), so the driver scores those while the
+        engine samples the rest. ``positions`` index ``prompts``, or are taken from the given
+        ``positions`` (a call that samples what an earlier one left unanswered: they also
+        seed the prompts as in that call); ``samples`` holds n per position, in that order."""
+        sp = Sampling.from_dict(sampling)
+        prompts, skipped = self._fit_prompts([list(p) for p in prompts])
+        where = list(range(len(prompts))) if positions is None else list(positions)
+        if len(where) != len(prompts):
+            raise ValueError(f"rollout engine {self.rank}: {len(where)} positions for "
+                             f"{len(prompts)} prompts")
+        part = [(i, [RolloutSample(prompts[i], [], [], "skipped") for _ in range(sp.n)])
+                for i in sorted(skipped)]
+        todo = [i for i in range(len(prompts)) if i not in skipped]
+        for i, samples in self._finished(prompts, todo, sp, where):
+            part.append((i, samples))
+            if len(part) >= groups:
+                yield [where[i] for i, _ in part], [x for _, got in part for x in got]
+                part = []
+        if part:
+            yield [where[i] for i, _ in part], [x for _, got in part for x in got]
+
+    def _finished(self, prompts: list[list[int]], todo: list[int], sp: Sampling,
+                  where: list[int]) -> Iterator[tuple[int, list[RolloutSample]]]:
+        """``(i, the n samples of prompts[i])`` for each i of ``todo``, as each finishes;
+        ``where[i]`` seeds prompt i as :meth:`generate` seeds the prompt at that position."""
+        raise NotImplementedError(f"{type(self).__name__} does not stream")
+
     def _check_report(self, rep: dict, worker: int = 0) -> None:
         """Raise :class:`WeightSyncError` if a sync left this engine short of a parameter."""
         from actors.weight_sync import WeightSyncError
@@ -198,6 +232,7 @@ class RolloutEngine(EngineBase):
 
     def __init__(self, rank: int, world_size: int, settings: RolloutSettings):
         super().__init__(rank, world_size, settings)
+        self._streams = 0  # generate_stream calls so far (they name their requests)
         s = settings
         local = s.model_path.startswith(("/", ".", "~"))
         if local and not os.path.isdir(os.path.expanduser(s.model_path)):
@@ -246,27 +281,57 @@ class RolloutEngine(EngineBase):
     def generate(self, prompts: list[list[int]],
                  sampling: dict | Sampling | None = None) -> list[RolloutSample]:
         """Sample ``sampling.n`` responses per prompt; samples of a prompt are adjacent."""
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         sp = Sampling.from_dict(sampling)
         prompts, skipped = self._fit_prompts([list(p) for p in prompts])
-
-        def params(i: int) -> SamplingParams:
-            # vLLM seeds the k-th of a request's n samples with seed + k
-            return SamplingParams(
-                n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                max_tokens=sp.max_new_tokens, stop=list(sp.stop), logprobs=0,
-                detokenize=bool(sp.stop),  # callers decode ids themselves; stop strings need text
-                ignore_eos=sp.ignore_eos,
-                seed=None if sp.seed is None else self._call_seed(sp.seed) + i * sp.n)
         todo = [i for i in range(len(prompts)) if i not in skipped]
         results = self.llm.generate([TokensPrompt(prompt_token_ids=prompts[i]) for i in todo],
-                                    [params(i) for i in todo], use_tqdm=False) if todo else []
-        outputs = {i: [RolloutSample(prompts[i], list(c.token_ids),
-                                     [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)],
-                                     c.finish_reason or "length") for c in out.outputs]
-                   for i, out in zip(todo, results)}
+                                    [self._params(sp, i) for i in todo],
+                                    use_tqdm=False) if todo else []
+        outputs = {i: self._samples(prompts[i], out) for i, out in zip(todo, results)}
         return self._in_prompt_order(prompts, skipped, sp.n, outputs)
+
+    def _params(self, sp: Sampling, position: int, final_only: bool = False):
+        """vLLM's sampling parameters for the prompt at ``position`` of a call."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        # vLLM seeds the k-th of a request's n samples with seed + k
+        return SamplingParams(
+            n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
+            max_tokens=sp.max_new_tokens, stop=list(sp.stop), logprobs=0,
+            detokenize=bool(sp.stop),  # callers decode ids themselves; stop strings need text
+            ignore_eos=sp.ignore_eos,
+            seed=None if sp.seed is None else self._call_seed(sp.seed) + position * sp.n,
+            # a request of n samples comes back once, whole (else one sample at a time)
+            **({"output_kind": RequestOutputKind.FINAL_ONLY} if final_only else {}))
+
+    @staticmethod
+    def _samples(prompt: list[int], out) -> list[RolloutSample]:
+        return [RolloutSample(prompt, list(c.token_ids),
+                              [step[t].logprob for t, step in zip(c.token_ids, c.logprobs)],
+                              c.finish_reason or "length") for c in out.outputs]
+
+    def _finished(self, prompts, todo, sp, where):
+        from vllm.inputs import TokensPrompt
+        engine, asked = self.llm.llm_engine, {}
+        self._streams += 1
+        try:
+            for i in todo:  # outputs and aborts name a request by the id given here
+                rid = f"stream{self._streams}-{i}"
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=prompts[i]),
+                                   self._params(sp, where[i], final_only=True))
+                asked[rid] = i
+            while asked and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished and out.request_id in asked:
+                        i = asked.pop(out.request_id)
+                        yield i, self._samples(prompts[i], out)
+            if asked:
+                raise RuntimeError(f"rollout engine {self.rank}: vLLM ended {len(asked)} "
+                                   f"request(s) without an answer")
+        finally:
+            if asked:  # the caller stopped early, or vLLM failed: free what is still queued
+                engine.abort_request(list(asked))
 
     @dispatch(SCATTER)
     def logprobs(self, sequences: list[Sequence]) -> list[list[float]]:

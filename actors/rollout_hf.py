@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Iterator
 
 import torch
 
@@ -102,11 +103,7 @@ class HFRolloutEngine(EngineBase):
         prompts, skipped = self._fit_prompts([list(p) for p in prompts])
         todo = [i for i in range(len(prompts)) if i not in skipped]
         rows = [prompts[i] for i in todo for _ in range(sp.n)]
-        generator = torch.Generator()
-        if sp.seed is None:  # unseeded calls differ from each other, seeded ones repeat
-            generator.manual_seed(int(torch.randint(0, 2**62, ())))
-        else:
-            generator.manual_seed(self._call_seed(sp.seed))
+        generator = self._generator(sp)
         chunk = self.settings.max_num_seqs or 256  # bounds the KV cache of one generate call
         done = []
         for start in range(0, len(rows), chunk):
@@ -116,9 +113,40 @@ class HFRolloutEngine(EngineBase):
         outputs = {i: done[k * sp.n:(k + 1) * sp.n] for k, i in enumerate(todo)}
         return self._in_prompt_order(prompts, skipped, sp.n, outputs)
 
-    @torch.no_grad()
+    def _finished(self, prompts, todo, sp, where):
+        rows = [k for k in todo for _ in range(sp.n)]  # the prompt of each row
+        generator = self._generator(sp)
+        chunk = self.settings.max_num_seqs or 256
+        got: dict[int, dict[int, RolloutSample]] = {}
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            for done in self._sampled([prompts[k] for k in part], sp, generator):
+                for j, sample in done:
+                    k = part[j]
+                    got.setdefault(k, {})[start + j] = sample
+                    if len(got[k]) == sp.n:
+                        mine = got.pop(k)
+                        yield k, [mine[r] for r in sorted(mine)]
+
+    def _generator(self, sp: Sampling) -> torch.Generator:
+        """The random numbers of one call: seeded calls repeat, unseeded ones differ."""
+        generator = torch.Generator()
+        if sp.seed is None:
+            generator.manual_seed(int(torch.randint(0, 2**62, ())))
+        else:
+            generator.manual_seed(self._call_seed(sp.seed))
+        return generator
+
     def _sample(self, rows: list[list[int]], sp: Sampling,
                 generator: torch.Generator) -> list[RolloutSample]:
+        """One sample per row (rows left-padded into one batch), in row order."""
+        done = dict(pair for part in self._sampled(rows, sp, generator) for pair in part)
+        return [done[i] for i in range(len(rows))]
+
+    @torch.no_grad()
+    def _sampled(self, rows: list[list[int]], sp: Sampling, generator: torch.Generator
+                 ) -> Iterator[list[tuple[int, RolloutSample]]]:
+        """Sample one response per row, yielding ``(row, sample)`` pairs as rows finish."""
         limit = self.settings.max_model_len
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -126,29 +154,45 @@ class HFRolloutEngine(EngineBase):
         for i, r in enumerate(rows):  # left padding: every row's next token is at column width
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
-        caps = [min(sp.max_new_tokens, limit - len(r)) for r in rows]
+        caps = torch.tensor([min(sp.max_new_tokens, limit - len(r)) for r in rows])
         device = next(self.model.parameters()).device  # the trainer's, in the hybrid engine
         ids, mask = ids.to(device), mask.to(device)
-        # both samplers draw from torch's global generator: lend it this call's state
+        told = torch.zeros(len(rows), dtype=torch.bool)
+
+        def finished(new, picked, done) -> list[tuple[int, RolloutSample]]:
+            out = []
+            for i in (done & ~told).nonzero().flatten().tolist():
+                tokens = new[i, :caps[i]].tolist()
+                end, reason = self._end(tokens, sp)
+                out.append((i, RolloutSample(rows[i], tokens[:end], picked[i, :end].tolist(),
+                                             reason)))
+            told.logical_or_(done)
+            return out
+
+        # both samplers draw from torch's global generator: lend it this call's state (kept
+        # between the parts handed out: the caller draws no random numbers of its own)
         saved = torch.random.get_rng_state()
         torch.random.set_rng_state(generator.get_state())
         try:
-            sample = self._generate if self.synced else self._decode
-            new, picked = sample(ids, mask, max(caps), sp)
+            if self.synced:
+                new, picked = self._generate(ids, mask, int(caps.max()), sp)
+                yield finished(new, picked, torch.ones(len(rows), dtype=torch.bool))
+                return
+            steps = self._decode(ids, mask, int(caps.max()), sp)
+            for t, live, new, picked in steps:
+                done = ~live.cpu() | (caps <= t + 1)
+                if (done & ~told).any():
+                    yield finished(new.cpu(), picked.cpu(), done)
         finally:
             generator.set_state(torch.random.get_rng_state())
             torch.random.set_rng_state(saved)
-        samples = []
-        for i, row in enumerate(rows):
-            tokens = new[i, :caps[i]].tolist()
-            end, reason = self._end(tokens, sp)
-            samples.append(RolloutSample(row, tokens[:end], picked[i, :end].tolist(), reason))
-        return samples
 
-    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, steps: int,
-                sp: Sampling) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample up to ``steps`` tokens after each left-padded row: (tokens, the raw log-prob
-        of each), [rows, steps]; after a row's EOS (or stop string) its tokens are padding.
+    def _decode(self, ids: torch.Tensor, mask: torch.Tensor, steps: int, sp: Sampling
+                ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Sample up to ``steps`` tokens after each left-padded row. After each step t it
+        yields ``(t, live, tokens, log-probs)``: which rows are still sampling, and the
+        tokens and the raw log-prob of each so far, [rows, steps] (a row that stopped is
+        final: after its EOS or stop string its tokens are padding).
 
         transformers' ``generate`` does the same with more around each step: a KV cache
         grown by concatenation (every layer's keys and values copied again each step), and
@@ -195,6 +239,7 @@ class HFRolloutEngine(EngineBase):
                 for i in live.nonzero().flatten().tolist():
                     text = self.tokenizer.decode(tokens[i, :t + 1].tolist())
                     live[i] = not any(s in text for s in sp.stop)
+            yield t, live, tokens, picked
             if t == steps - 1 or not live.any():
                 break
             position, cache_position = position[:, -1:] + 1, cache_position[-1:] + 1
@@ -202,7 +247,6 @@ class HFRolloutEngine(EngineBase):
             logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position,
                            past_key_values=cache, cache_position=cache_position,
                            use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        return tokens.cpu(), picked.cpu()
 
     @staticmethod
     def _draw(logits: torch.Tensor, sp: Sampling) -> torch.Tensor:

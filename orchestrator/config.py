@@ -171,6 +171,10 @@ class RolloutConfig(RoleConfig):
     backend: str = param("vllm", "what generates: vLLM engines, or transformers' generate in the "
                                  "actor (hf: CPU only, tensor_parallel_size 1; faster than vLLM "
                                  "for tiny models on a CPU)", choices=("vllm", "hf"))
+    stream_groups: int = param(0, "online RL: each engine hands back every N prompts whose "
+                                  "samples are all done, and their scoring starts while it "
+                                  "samples the rest; 0: a step's samples are scored once all "
+                                  "are in", ge=0)
     colocate_with: Optional[str] = param(
         None, "policy: the hybrid engine, generation inside the policy trainer's actors (no "
               "rollout actors; hf: with the trainer's own module, no weight copy; vllm: an "
@@ -190,6 +194,11 @@ class RolloutConfig(RoleConfig):
                               f"rollout.in_actor: {self.in_actor}; the hybrid engine runs vLLM "
                               f"whole inside each trainer process: set tensor_parallel_size 1 "
                               f"and in_actor true, or drop rollout.colocate_with")
+        if self.colocate_with == "policy" and self.stream_groups:
+            raise ConfigError(f"rollout.stream_groups: {self.stream_groups} with "
+                              f"rollout.colocate_with: policy; the hybrid engine samples in the "
+                              f"trainer, which scores nothing until it is done: set "
+                              f"stream_groups to 0 or drop colocate_with")
         if self.backend == "hf" and self.tensor_parallel_size != 1:
             raise ConfigError(f"rollout.tensor_parallel_size: {self.tensor_parallel_size} with "
                               f"rollout.backend hf, which holds the whole model in one process; "

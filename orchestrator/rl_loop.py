@@ -219,6 +219,9 @@ def _train(cfg, session, roles, tokenizer, prompts, held_out, gold, data_notes) 
         pipe.after_sync(step)
         if pipe.reissued:  # prompts of a lost engine generated again (only those)
             row["rollout/reissued_prompts"], pipe.reissued = pipe.reissued, 0
+        if ro.parts is not None:  # streamed: how long the first part's scoring could overlap
+            row["rollout/stream_parts"] = len(ro.parts)  # the sampling of the last
+            row["rollout/stream_lead_s"] = ro.parts[-1][2] - ro.parts[0][2]
         row.update(step_metrics(ro, scored.rewards, cfg.rl.group_size, dropped),
                    **elastic.metrics(),
                    **recovery.pop(step),

@@ -8,12 +8,17 @@ starts as soon as it is in. Calls to one actor run in the order they were made, 
 batch's pre-update log-probs and values still come from the policy and critic after this
 step's update.
 
+With ``rollout.stream_groups`` the engines hand back finished prompts in parts
+(orchestrator/streams.py) and each part's scoring starts as it arrives; at depth 1 the parts
+that come in while the update runs are scored then.
+
 Each step's generation is seeded by its step number, so a step sampled again (after a resume)
 samples the same.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -24,6 +29,7 @@ import torch
 from actors.group import RoleFailure, split_even, wait_calls
 from actors.reward import RewardSample
 from orchestrator.progress import pad_to_multiple
+from orchestrator.streams import StreamedGeneration
 
 STEP_SEED = 100_003  # a step's sampling seed is train.seed + STEP_SEED x step
 
@@ -40,6 +46,9 @@ class Rollout:
     shards: list | None = None     # the prompt ids each generating ref was given
     engines: list | None = None    # the engine each generating ref runs on
     sampling: dict | None = None
+    stream: StreamedGeneration | None = None  # with rollout.stream_groups: its engines' streams
+    got: list | None = None        # streamed: the samples of each prompt, as they arrive
+    parts: list | None = None      # streamed: (sample indices, scoring call refs, time in)
 
     def sequences(self) -> list[tuple[list[int], list[int]]]:
         return [(s.prompt_ids, s.response_ids) for s in self.samples]
@@ -93,11 +102,14 @@ def first_done(*calls: list) -> int:
         ready, pending = ray.wait(pending, num_returns=1, fetch_local=False)
 
 
-def reward_records(tokenizer, prompts, samples) -> list[RewardSample]:
-    """What the reward role scores: each sample's text with its prompt's text and fields."""
+def reward_records(tokenizer, prompts, samples, index: list[int] | None = None
+                   ) -> list[RewardSample]:
+    """What the reward role scores: each sample's text with its prompt's text and fields
+    (``index``: each sample's place in the step's batch, when ``samples`` are a part of it)."""
     per = len(samples) // len(prompts)
     texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
-    return [RewardSample(prompts[i // per].prompt_text, t, prompts[i // per].extra, index=i)
+    return [RewardSample(prompts[i // per].prompt_text, t, prompts[i // per].extra,
+                         index=i if index is None else index[i])
             for i, t in enumerate(texts)]
 
 
@@ -134,19 +146,38 @@ class RolloutPipeline:
 
     def scores(self, ro: Rollout) -> Scores:
         """Wait for a rollout's scoring: rewards, reference, old log-probs and values."""
-        roles, n, calls = self.roles, len(ro.samples), ro.scoring
-        rewards = torch.tensor(roles.reward.gather("score", calls["reward"]))
+        if ro.parts is None:
+            rewards, reference, old, values = self._gathered(ro.scoring, len(ro.samples))
+            return Scores(torch.tensor(rewards), reference, old, values)
+        got = [[None] * len(ro.samples) for _ in range(4)]
+        for index, calls, _ in ro.parts:  # streamed: each part's scores to its samples' places
+            for whole, part in zip(got, self._gathered(calls, len(index))):
+                for i, x in zip(index, part or ()):
+                    whole[i] = x
+        rewards, reference, old, values = got
+        return Scores(torch.tensor(rewards), reference, old if self.needs_old else None,
+                      values if self.roles.critic else None)
+
+    def _gathered(self, calls: dict, n: int) -> tuple:
+        """(rewards, reference, old log-probs or None, values or None) of ``n`` samples whose
+        scoring :meth:`_submit` started."""
+        roles = self.roles
+        rewards = roles.reward.gather("score", calls["reward"])
         reference = roles.reference.gather("token_logprobs", calls["reference"])
         old = (roles.policy.gather("token_logprobs", calls["old"])[:n] if self.needs_old
                else None)
         values = roles.critic.gather("values", calls["values"])[:n] if roles.critic else None
-        return Scores(rewards, reference, old, values)
+        return rewards, reference, old, values
 
     def during_update(self, update_refs: list) -> None:
         """Depth 1: wait for whichever ends first, the update or the next batch's generation,
         and if it is the batch, start its scoring (then the caller waits for the update)."""
         nxt = self._unscored()
-        if nxt is not None and update_refs and first_done(nxt.generating, update_refs) == 0:
+        if nxt is None or not update_refs:
+            return
+        if nxt.stream is not None:  # score the parts that come in while the update runs
+            self._score_ahead(nxt, until=update_refs)
+        elif first_done(nxt.generating, update_refs) == 0:
             self._score_ahead(nxt)
 
     def after_update(self) -> None:
@@ -156,12 +187,13 @@ class RolloutPipeline:
         if nxt is not None:
             self._score_ahead(nxt)
 
-    def _score_ahead(self, ro: Rollout) -> None:
-        """Start scoring a batch of a later step. A role that fails on it does not stop this
-        step (its update is under way): the failure waits in ``failure`` for the loop, and
-        the batch is dropped, to be drawn and generated again."""
+    def _score_ahead(self, ro: Rollout, until: list = ()) -> None:
+        """Start scoring a batch of a later step (streamed: its parts in so far, or until
+        every ref of ``until`` is ready). A role that fails on it does not stop this step
+        (its update is under way): the failure waits in ``failure`` for the loop, and the
+        batch is dropped, to be drawn and generated again."""
         try:
-            self.start_scoring(ro, reissue=False)  # not while this step's update runs
+            self.start_scoring(ro, reissue=False, until=until)  # not while the update runs
         except RoleFailure as failure:
             self.failure = failure
             self.restart(self.ahead[0].sampler_state)
@@ -190,27 +222,71 @@ class RolloutPipeline:
         batch = [self.prompts[i] for i in self.sampler.next_batch(self.cfg.rl.prompts_per_step)]
         group = self.roles.rollout
         sampling = dict(self.sampling, seed=self.cfg.train.seed + STEP_SEED * step)
+        if self.cfg.rollout.stream_groups:
+            stream = StreamedGeneration(group, [p.prompt_ids for p in batch], sampling,
+                                        self.cfg.rollout.stream_groups)
+            return Rollout(batch, state, [], step=step, sampling=sampling, stream=stream,
+                           got=[None] * len(batch), parts=[])
         shards = split_even([p.prompt_ids for p in batch], len(group))
         refs = [group.call(a, "generate", shard, sampling)
                 for a, shard in zip(group.actors, shards)]
         return Rollout(batch, state, refs, step=step, shards=shards, engines=list(group.actors),
                        sampling=sampling)
 
-    def start_scoring(self, ro: Rollout, reissue: bool = True) -> None:
+    def start_scoring(self, ro: Rollout, reissue: bool = True, until: list = ()) -> None:
         """Wait for the samples, then start reward scoring, reference and pre-update policy
         log-probs and critic values on them, all at once. ``reissue``: an engine lost on its
-        share is recovered and only that share generated again (:meth:`_generated`)."""
-        roles = self.roles
+        share is recovered and only that share generated again (:meth:`_generated`).
+
+        Streamed (``rollout.stream_groups``): each part's scoring starts as it arrives; with
+        ``until``, only the parts in before every ref of ``until`` is ready (the scoring is
+        complete, ``ro.scoring`` set, once every part is in)."""
+        if ro.stream is not None:
+            self._streamed(ro, reissue, until)
+            if ro.stream.done():
+                ro.samples = [s for got in ro.got for s in got]
+                ro.scoring = {"parts": len(ro.parts)}
+            return
         ro.samples = self._generated(ro, reissue)
-        seqs = ro.sequences()
-        ro.scoring = {
-            "reward": roles.reward.submit("score", reward_records(self.tokenizer, ro.prompts,
-                                                                  ro.samples)),
+        ro.scoring = self._submit(reward_records(self.tokenizer, ro.prompts, ro.samples),
+                                  ro.sequences())
+
+    def _submit(self, records: list, seqs: list) -> dict:
+        """Start the scoring of samples: their reward records and (prompt, response) ids."""
+        roles = self.roles
+        return {
+            "reward": roles.reward.submit("score", records),
             "reference": roles.reference.submit("token_logprobs", seqs),
             "old": (roles.policy.submit("token_logprobs", pad_to_multiple(seqs, len(roles.policy)))
                     if self.needs_old else None),
             "values": (roles.critic.submit("values", pad_to_multiple(seqs, len(roles.critic)))
                        if roles.critic else None)}
+
+    def _streamed(self, ro: Rollout, reissue: bool, until: list) -> None:
+        """Score the parts of a streamed rollout as they arrive. With ``reissue`` and a
+        ``recover`` callback, an engine lost mid-stream is recovered and only the prompts it
+        had not handed back are generated again, as in :meth:`_generated`."""
+        n = self.sampling["n"]
+        while True:
+            try:
+                for positions, samples in ro.stream.parts(until):
+                    index = [p * n + k for p in positions for k in range(n)]
+                    for j, p in enumerate(positions):
+                        ro.got[p] = samples[j * n:(j + 1) * n]
+                    records = reward_records(self.tokenizer, [ro.prompts[p] for p in positions],
+                                             samples, index)
+                    ro.parts.append((index, self._submit(
+                        records, [(s.prompt_ids, s.response_ids) for s in samples]),
+                        time.monotonic()))
+                return
+            except RoleFailure as failure:
+                if not reissue or self.recover is None or failure.role != "rollout":
+                    raise
+                self.recover(failure, ro.step)  # raises when it may not
+                ro.stream.group = self.roles.rollout
+                elastic = getattr(self.roles, "elastic", None)
+                self.reissued += ro.stream.reissue(
+                    elastic.successor if elastic is not None else lambda engine: None)
 
     def _generated(self, ro: Rollout, reissue: bool) -> list:
         """The rollout's samples in prompt order. With ``reissue`` and a ``recover`` callback

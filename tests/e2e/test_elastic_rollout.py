@@ -73,20 +73,24 @@ def test_no_room_for_another_engine_goes_on_degraded(grpo_config, tmp_path, capl
     assert "rollout: degraded, 1 of 2 engine(s) running" in caplog.text
 
 
-def test_a_killed_engine_of_two_is_replaced_alone(grpo_config, tmp_path):
+@pytest.mark.parametrize("stream_groups", [0, 2])
+def test_a_killed_engine_of_two_is_replaced_alone(grpo_config, tmp_path, stream_groups):
     """Engine 1 of 2 killed as step 2 starts: it alone is replaced (same rank and seed), only
     its 4 of the step's 8 prompts are generated again, and the run ends as an uninterrupted
-    one (seeded sampling, on-policy)."""
+    one (seeded sampling, on-policy). Streamed (``rollout.stream_groups``), the parts engine
+    0 hands back are scored as they come, and the replacement's too."""
     def run(name, **fault):
         return train(RunConfig.from_dict(grpo_config(
             tmp_path / name, train={"max_steps": 4}, cluster={"num_cpus": 4},
-            rollout={"actors": 2, "cpus": 1}, fault=fault)))
+            rollout={"actors": 2, "cpus": 1, "stream_groups": stream_groups}, fault=fault)))
     plain, hit = run("plain"), run("hit", inject="rollout:1@2")
     steps = step_rows(hit.run_dir)
     [made] = steps[2]["recovery"]
     assert (made["role"], made["rank"]) == ("rollout", 1)
     assert steps[2]["rollout/reissued_prompts"] == 4
     assert all(r["rollout/engines"] == 2 for r in steps.values())
+    if stream_groups:  # 2 engines x 4 prompts, in parts of 2
+        assert all(r["rollout/stream_parts"] == 4 for r in steps.values())
     a = load_file(str(plain.model_dir / "model.safetensors"))
     b = load_file(str(hit.model_dir / "model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

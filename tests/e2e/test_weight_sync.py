@@ -145,6 +145,23 @@ def test_sync_makes_engines_score_like_the_trainer(roles):
     assert _max_diff([s.logprobs for s in samples], scored) < 1e-3
 
 
+def test_streamed_generation_hands_back_each_prompt_when_its_samples_are_done(roles):
+    """vLLM's ``generate_stream`` yields a prompt's group the engine step its last sample
+    ends (the long prompt: its room in max_model_len ends it after 4 tokens), and the parts
+    together are what ``generate`` samples with the same seed."""
+    engine = roles["engines"].actors[0]
+    prompts = [[5, 17, 33, 8], [7] * (MAX_LEN - 4), [40, 41]]
+    sp = {"n": 3, "max_new_tokens": 8, "seed": 5, "ignore_eos": True}
+    whole = ray.get(engine.generate.remote(prompts, sp))
+    parts = [ray.get(ref) for ref in engine.generate_stream.remote(prompts, sp, 1)]
+    assert parts[0][0] == [1] and [len(s.response_ids) for s in parts[0][1]] == [4, 4, 4]
+    got = {p: samples for positions, samples in parts for p in positions}
+    streamed = [s for p in sorted(got) for s in got[p]]
+    assert [(s.response_ids, s.finish_reason) for s in streamed] == \
+        [(s.response_ids, s.finish_reason) for s in whole]
+    assert _max_diff([s.logprobs for s in streamed], [s.logprobs for s in whole]) < 1e-6
+
+
 def test_partial_sync_is_caught(roles):
     everyone, trainer = roles["all"], roles["trainer"]
     seqs = _sequences(4, seed=1)

@@ -81,6 +81,43 @@ def test_a_call_larger_than_max_num_seqs_is_decoded_in_rounds(model_dir):
             != [s.response_ids for s in small.generate(PROMPTS, free)])
 
 
+def test_streamed_generation_hands_back_each_prompt_when_its_samples_are_done(engine,
+                                                                            model_dir):
+    """``generate_stream`` yields a prompt's group as soon as its last sample ends (here the
+    long prompt, whose room in max_model_len ends it after 4 tokens), and the parts together
+    are what ``generate`` returns: the same tokens and log-probs, also when a group is split
+    over rounds of ``max_num_seqs``."""
+    prompts = [[5, 17, 33, 8], list(range(5, 65)), [40, 41]]  # the second leaves room for 4
+    sp = dict(n=3, max_new_tokens=8, seed=5, ignore_eos=True)
+    small = HFRolloutEngine(0, 1, RolloutSettings(model_dir, max_model_len=64, backend="hf",
+                                                  max_num_seqs=4))
+    for eng in (engine, small):
+        parts = list(eng.generate_stream(prompts, sp, groups=1))
+        got = {p: samples for positions, samples in parts for p in positions}
+        streamed = [s for p in sorted(got) for s in got[p]]
+        whole = eng.generate(prompts, sp)
+        assert [(s.response_ids, s.logprobs, s.finish_reason) for s in streamed] == \
+            [(s.response_ids, s.logprobs, s.finish_reason) for s in whole]
+        assert all(len(samples) == 3 for samples in got.values())
+    # handed back while the others are still sampling: one prefill and 3 of 8 decoding steps
+    forwards = []
+    hook = engine.model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        stream = engine.generate_stream(prompts, sp, groups=1)
+        parts = [next(stream)]
+        assert len(forwards) == 4
+        parts += list(stream)
+        assert len(forwards) == 8
+    finally:
+        hook.remove()
+    assert [positions for positions, _ in parts] == [[1], [0], [2]]
+    assert [len(s.response_ids) for s in parts[0][1]] == [4, 4, 4]
+    # groups of two, and positions given by the caller (prompts an earlier call left)
+    parts = list(engine.generate_stream(prompts[::2], sp, groups=2, positions=[0, 2]))
+    assert [positions for positions, _ in parts] == [[0, 2]]
+    assert [s.prompt_ids for s in parts[0][1]] == [prompts[0]] * 3 + [prompts[2]] * 3
+
+
 def test_greedy_is_deterministic_without_a_seed(engine):
     a = engine.generate(PROMPTS, dict(n=1, max_new_tokens=6, temperature=0))
     b = engine.generate(PROMPTS, dict(n=1, max_new_tokens=6, temperature=0))
