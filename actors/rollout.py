@@ -176,8 +176,9 @@ class EngineBase(Measured):
         ``(positions, samples)`` each time ``groups`` more prompts have all ``sampling.n`` of
         their samples (whatever is left at the end), so the driver scores those while the
         engine samples the rest. ``positions`` index ``prompts``, or are taken from the given
-        ``positions`` (a call that samples what an earlier one left unanswered: they also
-        seed the prompts as in that call); ``samples`` holds n per position, in that order."""
+        ``positions`` (a call that samples what an earlier one left unanswered; vLLM also
+        seeds each prompt by its position, as in that call); ``samples`` holds n per
+        position, in that order."""
         sp = Sampling.from_dict(sampling)
         prompts, skipped = self._fit_prompts([list(p) for p in prompts])
         where = list(range(len(prompts))) if positions is None else list(positions)
@@ -198,7 +199,7 @@ class EngineBase(Measured):
     def _finished(self, prompts: list[list[int]], todo: list[int], sp: Sampling,
                   where: list[int]) -> Iterator[tuple[int, list[RolloutSample]]]:
         """``(i, the n samples of prompts[i])`` for each i of ``todo``, as each finishes;
-        ``where[i]`` seeds prompt i as :meth:`generate` seeds the prompt at that position."""
+        ``where[i]`` is prompt i's position in the call it continues (vLLM seeds by it)."""
         raise NotImplementedError(f"{type(self).__name__} does not stream")
 
     def _check_report(self, rep: dict, worker: int = 0) -> None:

@@ -42,8 +42,9 @@ class Share:
 
 class StreamedGeneration:
     """The streams of one step's batch: ``prompts`` (token ids, in batch order) split over the
-    rollout group's engines. Engines seed prompts by batch position, so a prompt sampled again
-    by an engine of the same rank samples the same."""
+    rollout group's engines. vLLM engines seed a prompt by its batch position, so a prompt
+    sampled again by an engine of the same rank samples the same; the hf engine seeds a call
+    as a whole, so a prompt sampled again in a smaller call samples anew."""
 
     def __init__(self, group, prompts: list[list[int]], sampling: dict, groups: int):
         self.group, self.prompts, self.sampling, self.groups = group, prompts, sampling, groups
