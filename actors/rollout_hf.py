@@ -102,21 +102,15 @@ class HFRolloutEngine(EngineBase):
         sp = Sampling.from_dict(sampling)
         prompts, skipped = self._fit_prompts([list(p) for p in prompts])
         todo = [i for i in range(len(prompts)) if i not in skipped]
-        rows = [prompts[i] for i in todo for _ in range(sp.n)]
-        generator = self._generator(sp)
-        chunk = self.settings.max_num_seqs or 256  # bounds the KV cache of one generate call
-        done = []
-        for start in range(0, len(rows), chunk):
-            done += self._sample(rows[start:start + chunk], sp, generator)
-        if self.synced and not rows:  # its peers' forwards wait for this rank's
-            self._sample([[self.pad_id]], sp, generator)
-        outputs = {i: done[k * sp.n:(k + 1) * sp.n] for k, i in enumerate(todo)}
+        outputs = dict(self._finished(prompts, todo, sp, todo))  # the stream, drained
+        if self.synced and not (todo and sp.n):  # its peers' forwards wait for this rank's
+            self._sample([[self.pad_id]], sp, self._generator(sp))
         return self._in_prompt_order(prompts, skipped, sp.n, outputs)
 
     def _finished(self, prompts, todo, sp, where):
         rows = [k for k in todo for _ in range(sp.n)]  # the prompt of each row
         generator = self._generator(sp)
-        chunk = self.settings.max_num_seqs or 256
+        chunk = self.settings.max_num_seqs or 256  # bounds the KV cache of one round
         got: dict[int, dict[int, RolloutSample]] = {}
         for start in range(0, len(rows), chunk):
             part = rows[start:start + chunk]
