@@ -389,9 +389,11 @@ class RLRoles(RoleSet):
         self._engines = None
         try:
             if not self.hybrid:
-                self.rollout = self._keep(_engines_started(placement.start(
+                self.rollout = self._keep(placement.start(
                     "rollout", engine_class(cfg.rollout),
-                    (rollout_settings(cfg.model, cfg.rollout),))))
+                    (rollout_settings(cfg.model, cfg.rollout),)))
+                if 0 < cfg.rollout.gpus < 1:  # it may share a device: it starts alone, as
+                    _engines_started(self.rollout)  # vLLM sizes its cache by the memory it finds
             self.policy = self._keep(placement.start("policy", PolicyTrainer, (cfg,)))
             self.critic = (self._keep(placement.start("critic", Critic, (cfg,)))
                            if cfg.uses_critic else None)
@@ -399,8 +401,10 @@ class RLRoles(RoleSet):
                               if "reference" in cfg.roles() else BaseReference(self))
             self.reward = self._keep(placement.start("reward", RewardScorer,
                                                      (reward_settings(cfg),)))
-            setup_trainers(*self.trainables)
+            setup_trainers(*self.trainables)  # the engines and scorers load meanwhile
             _loaded(*[g for g in self.groups if g.role in ("reference", "reward")])
+            if not self.hybrid:
+                _engines_started(self.rollout)
             self.connect_engines(self.rollout)
         except BaseException:
             self.shutdown()
